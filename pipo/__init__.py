@@ -1,0 +1,1 @@
+"""pipo: pipelined offloading inference."""
