@@ -1,0 +1,140 @@
+"""The model math: one pure function per block kind (embed, attention, MLP, head).
+
+Each function takes a block's weights dict ``w`` (canonical names, see :mod:`pipo.io.spec`), the
+activations and the :class:`ModelSpec`; families differ only through :func:`traits_for`. Attention and
+MLP blocks return the new hidden state *including* the residual, so the engine simply chains
+``x = block(w, x, ...)``.
+
+What the engine must honour:
+- dtypes: computation runs in the dtype of ``x``; dense weights and the KV caches must already be in
+  that dtype and on x's device (cast once at load time, not per call). Logits come back in fp32.
+- KV cache layout: ``[batch, n_kv_heads, capacity, head_dim]`` per layer, one for k and one for v;
+  a block writes cache positions ``start .. start+t-1`` in place and reads ``0 .. start+t-1``.
+  Slot j of the cache holds the j-th token of the padded batch (pads included), so every row of a
+  batch shares ``start``.
+- masks: ``key_mask`` [b, >= start+t] is True for real tokens, False for left padding.
+  ``positions`` [b, t] are absolute token positions (see :func:`positions_from_mask`).
+- a left-pad query sees at least itself, so pad rows stay finite and never poison the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipo.io.spec import ModelSpec
+from pipo.ops.linear import linear
+from pipo.ops.rope import apply_rope, rope_tables
+from pipo.ops.traits import traits_for
+
+__all__ = ["embed", "attention_block", "mlp_block", "head", "norm", "attention_mask",
+           "positions_from_mask", "rope_tables"]
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Absolute positions [b, T] (int64) of a left-padded batch from its mask [b, T] (True = real).
+
+    The first real token of each row is position 0; pads get position 0 too (they are masked).
+    """
+    positions = mask.long().cumsum(dim=-1) - 1                         # [b, T]
+    return positions.clamp(min=0)                                      # [b, T]
+
+
+def norm(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """The block's pre-norm (RMSNorm or LayerNorm per the family) of x [..., hidden]."""
+    if traits_for(spec).norm == "layer":
+        return F.layer_norm(x, x.shape[-1:], w["norm_w"], w.get("norm_b"), spec.norm_eps)  # [..., hidden]
+    x32 = x.float()                                                    # [..., hidden] fp32 for the mean
+    variance = x32.pow(2).mean(dim=-1, keepdim=True)                   # [..., 1]
+    normed = (x32 * torch.rsqrt(variance + spec.norm_eps)).to(x.dtype)  # [..., hidden]
+    return w["norm_w"] * normed                                        # [..., hidden]
+
+
+def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Token (and, for learned-position families, position) embeddings: ids [b, t] -> x [b, t, hidden]."""
+    t = traits_for(spec)
+    x = F.embedding(ids, w["tok"])                                     # [b, t, hidden]
+    if t.positions == "learned":
+        x = x + F.embedding(positions + t.position_offset, w["pos"])   # [b, t, hidden]
+    return x
+
+
+def attention_mask(key_mask: torch.Tensor, start: int, t: int) -> torch.Tensor:
+    """Which cache slots each new query may attend to: [b, 1, t, start+t] bool (True = attend).
+
+    Query i sits at cache slot start+i and sees slots <= its own that hold real tokens, plus always
+    its own slot: a left-pad query would otherwise see nothing and softmax would return NaN.
+    """
+    end = start + t
+    key_idx = torch.arange(end, device=key_mask.device)               # [end]
+    query_idx = start + torch.arange(t, device=key_mask.device)       # [t]
+    causal = key_idx[None, :] <= query_idx[:, None]                   # [t, end]
+    own = key_idx[None, :] == query_idx[:, None]                      # [t, end]
+    allowed = (causal & key_mask[:, None, :end].bool()) | own         # [b, t, end]
+    return allowed.unsqueeze(1)                                        # [b, 1, t, end]
+
+
+def attention_block(w: dict, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    start: int, positions: torch.Tensor, key_mask: torch.Tensor,
+                    spec: ModelSpec, rope: Rope | None) -> torch.Tensor:
+    """Pre-norm self-attention with a KV cache and residual: x [b, t, hidden] -> [b, t, hidden].
+
+    Writes the new keys/values into ``k_cache``/``v_cache`` [b, n_kv_heads, capacity, head_dim] at
+    slots start..start+t-1 (in place), then attends over slots 0..start+t-1. ``rope`` is the
+    (cos, sin) pair from :func:`rope_tables` for rope families, ``None`` otherwise.
+    """
+    b, t, _ = x.shape
+    nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    h = norm(w, x, spec)                                               # [b, t, hidden]
+    q = linear(h, w["wq"], w.get("bq")).view(b, t, nh, hd).transpose(1, 2)   # [b, nh, t, hd]
+    k = linear(h, w["wk"], w.get("bk")).view(b, t, nkv, hd).transpose(1, 2)  # [b, nkv, t, hd]
+    v = linear(h, w["wv"], w.get("bv")).view(b, t, nkv, hd).transpose(1, 2)  # [b, nkv, t, hd]
+    if traits_for(spec).positions == "rope":
+        q = apply_rope(q, *rope, positions)                            # [b, nh, t, hd]
+        k = apply_rope(k, *rope, positions)                            # [b, nkv, t, hd]
+    end = start + t
+    k_cache[:, :, start:end] = k                                       # cache [b, nkv, capacity, hd]
+    v_cache[:, :, start:end] = v                                       # cache [b, nkv, capacity, hd]
+    mask = attention_mask(key_mask, start, t)                          # [b, 1, t, end]
+    out = _grouped_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)  # [b, nh, t, hd]
+    out = out.transpose(1, 2).reshape(b, t, nh * hd)                   # [b, t, nh*hd]
+    return x + linear(out, w["wo"], w.get("bo"))                       # [b, t, hidden]
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with grouped kv heads, scale 1/sqrt(head_dim), without copying k/v.
+
+    q [b, nh, t, hd], k/v [b, nkv, T, hd], mask [b, 1, t, T] -> [b, nh, t, hd]. The nh/nkv query
+    heads sharing a kv head are folded into the query-length axis, so every SDPA backend sees plain
+    multi-head attention over the cache as it is (no repeat of a possibly long cache).
+    """
+    b, nh, t, hd = q.shape
+    nkv = k.shape[1]
+    group = nh // nkv
+    qg = q.reshape(b, nkv, group * t, hd)                              # [b, nkv, group*t, hd]
+    mg = mask.expand(b, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)  # [b, 1, group*t, T]
+    out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mg,
+                                         scale=1.0 / math.sqrt(hd))     # [b, nkv, group*t, hd]
+    return out.reshape(b, nh, t, hd)                                   # [b, nh, t, hd]
+
+
+def mlp_block(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Pre-norm feed-forward with residual: x [b, t, hidden] -> [b, t, hidden]."""
+    h = norm(w, x, spec)                                               # [b, t, hidden]
+    up = linear(h, w["w_up"], w.get("b_up"))                           # [b, t, ffn]
+    if traits_for(spec).mlp == "gated_silu":
+        act = F.silu(linear(h, w["w_gate"], w.get("b_gate"))) * up     # [b, t, ffn]
+    else:
+        act = F.relu(up)                                               # [b, t, ffn]
+    return x + linear(act, w["w_down"], w.get("b_down"))              # [b, t, hidden]
+
+
+def head(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Final norm and LM head of the last hidden state: x [b, hidden] -> logits [b, vocab] fp32."""
+    h = norm(w, x, spec)                                               # [b, hidden]
+    return linear(h, w["w_out"]).float()                               # [b, vocab]

@@ -1,0 +1,152 @@
+"""The Plan: every setting of a run in one frozen record, made by a pure planner.
+
+Where each weight block lives (``resident`` in compute-device memory, ``host`` RAM streamed through
+weight slots, or ``disk`` streamed from an offload store), where the KV cache lives, how the batch is
+split into micro-batches, how many weight / KV slots exist (look-ahead = weight slots - 1), and which
+schedule builds the step graphs. No torch here: plans and graphs are built and tested without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from pipo.errors import PlanError
+from pipo.io.spec import ModelSpec
+
+RESIDENT, HOST, DISK = "resident", "host", "disk"
+PLACEMENTS = (RESIDENT, HOST, DISK)
+SCHEDULE_NAMES = ("sequential", "flexgen", "pipo")
+ACTIVATION_RESERVE_FRACTION = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """All settings of one run. ``placement`` pairs each block with its tier, in block order."""
+
+    placement: tuple[tuple[str, str], ...]
+    batch: int
+    micro_batch: int
+    max_len: int
+    kv_offloaded: bool = False
+    n_weight_slots: int = 2
+    n_kv_slots: int = 2
+    schedule: str = "pipo"
+    slot_nbytes: int = 0
+    kv_nbytes: int = 0
+    resident_nbytes: int = 0
+
+    @property
+    def n_micro(self) -> int:
+        """Number of micro-batches."""
+        return -(-self.batch // self.micro_batch)
+
+    @property
+    def lookahead(self) -> int:
+        """How many blocks ahead weight loads may run (slots - 1)."""
+        return self.n_weight_slots - 1
+
+    def where(self, block: str) -> str:
+        """Tier of ``block``."""
+        return dict(self.placement)[block]
+
+    def streamed(self) -> list[str]:
+        """Blocks that a LoadWeight task brings in every step, in block order."""
+        return [b for b, tier in self.placement if tier != RESIDENT]
+
+    def with_schedule(self, schedule: str) -> Plan:
+        """The same plan run by another schedule."""
+        return replace(self, schedule=_checked_schedule(schedule))
+
+
+def kv_cache_nbytes(spec: ModelSpec, batch: int, max_len: int, dtype_nbytes: int) -> int:
+    """Bytes of a full K and V cache for ``batch`` sequences of ``max_len`` tokens."""
+    return 2 * spec.n_layers * batch * spec.n_kv_heads * max_len * spec.head_dim * dtype_nbytes
+
+
+def make_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], *, batch: int, max_len: int,
+              micro_batch: int | None = None, device_memory: int | None = None,
+              offload_tier: str = HOST, kv_offload: bool = False, n_weight_slots: int = 2,
+              n_kv_slots: int = 2, kv_dtype_nbytes: int = 4, schedule: str = "pipo") -> Plan:
+    """Place blocks under ``device_memory`` bytes (``None``: everything resident).
+
+    Keeps the largest blocks resident first (each resident byte is a byte not moved per step) while
+    the rest still fit through ``n_weight_slots`` slots next to the KV cache (when resident) and an
+    activation reserve. Raises :class:`PlanError` when not even one slot and the KV cache fit.
+    """
+    micro_batch = micro_batch or batch
+    _check_shape_args(batch, micro_batch, max_len, n_weight_slots, n_kv_slots)
+    schedule = _checked_schedule(schedule)
+    kv_full = kv_cache_nbytes(spec, batch, max_len, kv_dtype_nbytes)
+    kv_layer = kv_full // spec.n_layers // -(-batch // micro_batch)
+    kv_on_device = kv_layer * n_kv_slots if kv_offload else kv_full
+    blocks = spec.block_names()
+    if device_memory is None:
+        return fixed_plan(spec, block_nbytes, RESIDENT, batch=batch, max_len=max_len,
+                          micro_batch=micro_batch, kv_offload=kv_offload,
+                          n_weight_slots=n_weight_slots, n_kv_slots=n_kv_slots,
+                          kv_dtype_nbytes=kv_dtype_nbytes, schedule=schedule)
+    budget = int(device_memory * (1 - ACTIVATION_RESERVE_FRACTION)) - kv_on_device
+    tiers, slot_nbytes, resident = _place(blocks, block_nbytes, budget, n_weight_slots, offload_tier)
+    if tiers is None:
+        need = max(block_nbytes.values()) * n_weight_slots + kv_on_device
+        raise PlanError(
+            f"device memory budget {_gib(device_memory)} is too small: one weight slot per "
+            f"look-ahead block plus the KV cache need at least {_gib(need / 0.9)} "
+            f"(try --kv-offload, a smaller batch or a larger --device-memory)")
+    return Plan(tuple((b, tiers[b]) for b in blocks), batch, micro_batch, max_len, kv_offload,
+                n_weight_slots, n_kv_slots, schedule, slot_nbytes, kv_full, resident)
+
+
+def fixed_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], tier: str, *, batch: int,
+               max_len: int, micro_batch: int | None = None, kv_offload: bool = False,
+               n_weight_slots: int = 2, n_kv_slots: int = 2, kv_dtype_nbytes: int = 4,
+               schedule: str = "pipo") -> Plan:
+    """Every block in ``tier`` (like FlexGen's fixed ``--percent``), for tests and benchmarks."""
+    if tier not in PLACEMENTS:
+        raise PlanError(f"unknown placement {tier!r}; choose one of {', '.join(PLACEMENTS)}")
+    micro_batch = micro_batch or batch
+    _check_shape_args(batch, micro_batch, max_len, n_weight_slots, n_kv_slots)
+    blocks = spec.block_names()
+    streamed = tier != RESIDENT
+    return Plan(tuple((b, tier) for b in blocks), batch, micro_batch, max_len, kv_offload,
+                n_weight_slots, n_kv_slots, _checked_schedule(schedule),
+                max(block_nbytes[b] for b in blocks) if streamed else 0,
+                kv_cache_nbytes(spec, batch, max_len, kv_dtype_nbytes),
+                0 if streamed else sum(block_nbytes[b] for b in blocks))
+
+
+def _place(blocks, block_nbytes, budget, n_slots, offload_tier):
+    """Largest-first residency; returns (tiers, slot_nbytes, resident_nbytes) or Nones."""
+    if sum(block_nbytes[b] for b in blocks) <= budget:
+        return {b: RESIDENT for b in blocks}, 0, sum(block_nbytes[b] for b in blocks)
+    by_size = sorted(blocks, key=lambda b: (-block_nbytes[b], blocks.index(b)))
+    for n_resident in range(len(by_size) - 1, -1, -1):
+        resident = set(by_size[:n_resident]) if n_resident else set()
+        streamed = [b for b in blocks if b not in resident]
+        slot = max(block_nbytes[b] for b in streamed)
+        used = sum(block_nbytes[b] for b in resident) + n_slots * slot
+        if used <= budget:
+            tiers = {b: RESIDENT if b in resident else offload_tier for b in blocks}
+            return tiers, slot, used - n_slots * slot
+    return None, 0, 0
+
+
+def _check_shape_args(batch, micro_batch, max_len, n_weight_slots, n_kv_slots) -> None:
+    if batch < 1 or micro_batch < 1 or micro_batch > batch:
+        raise PlanError(f"need 1 <= micro_batch <= batch, got micro_batch={micro_batch}, "
+                        f"batch={batch}")
+    if n_weight_slots < 1 or n_kv_slots < 1:
+        raise PlanError("need at least one weight slot and one KV slot")
+    if max_len < 1:
+        raise PlanError(f"max_len must be positive, got {max_len}")
+
+
+def _checked_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULE_NAMES:
+        raise PlanError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    return schedule
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"

@@ -1,0 +1,86 @@
+"""Task kinds: frozen records of *what* to do, never the tensors to do it with.
+
+A task holds keys (block name, micro-batch, slot) and the name of the lane it runs on. The tensors
+live in the run context that an executor receives; that is why a step graph can be built, checked,
+rendered and golden-tested without torch, and reused for every generated token.
+
+Four kinds ship with pipo (the paper's four concurrent activities). Register a new kind by writing a
+frozen dataclass that subclasses :class:`Task` and an executor for it (see ``pipo.runtime.registry``
+and ``docs/extending.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+COMPUTE = "compute"
+LOAD_WEIGHT = "load_weight"
+LOAD_KV = "load_kv"
+SAVE_KV = "save_kv"
+DISK = "disk"
+LANES = (COMPUTE, LOAD_WEIGHT, LOAD_KV, SAVE_KV, DISK)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Base of every task kind: subclasses add key fields and choose a default lane."""
+
+    lane: str = field(default=COMPUTE, kw_only=True)
+
+    @property
+    def kind(self) -> str:
+        """The task kind: its class name."""
+        return type(self).__name__
+
+    @property
+    def keys(self) -> tuple:
+        """The key fields (everything but the lane), in declaration order."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "lane")
+
+    @property
+    def name(self) -> str:
+        """Unique, readable node name, e.g. ``LoadWeight(L3.attn,1)``."""
+        return f"{self.kind}({','.join('-' if k is None else str(k) for k in self.keys)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Compute(Task):
+    """Run one block (embed, attention, MLP, head) for one micro-batch.
+
+    ``slot`` is the weight slot the block was loaded into (``None``: the block is resident);
+    ``kv_slot`` is the KV staging slot for attention with an offloaded cache (``None``: resident KV).
+    """
+
+    block: str
+    micro: int = 0
+    slot: int | None = None
+    kv_slot: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadWeight(Task):
+    """Copy one block's weights from host memory (or disk) into weight slot ``slot``."""
+
+    block: str
+    slot: int
+    lane: str = field(default=LOAD_WEIGHT, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadKV(Task):
+    """Copy the KV cache of (``layer``, ``micro``) from host memory into KV slot ``slot``."""
+
+    layer: int
+    micro: int
+    slot: int
+    lane: str = field(default=LOAD_KV, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveKV(Task):
+    """Copy the KV entries written this step for (``layer``, ``micro``) from ``slot`` back to host."""
+
+    layer: int
+    micro: int
+    slot: int
+    lane: str = field(default=SAVE_KV, kw_only=True)
