@@ -150,3 +150,32 @@ def _checked_schedule(schedule: str) -> str:
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def estimate_block_nbytes(spec: ModelSpec, dtype_nbytes: int, int4_group: int | None = None
+                          ) -> dict[str, int]:
+    """Bytes each block takes in memory, from the architecture alone (no file read).
+
+    With ``int4_group``, the attention and MLP matrices count 4 bits per weight plus an fp16 scale
+    and min per group; embeddings, norms, biases and the LM head stay at ``dtype_nbytes``.
+    """
+    h, hd = spec.hidden, spec.head_dim
+    q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
+    norm = h * (2 if spec.family == "opt" else 1)
+
+    def matrix(out_f: int, in_f: int) -> int:
+        if not int4_group:
+            return out_f * in_f * dtype_nbytes
+        return out_f * in_f // 2 + out_f * -(-in_f // int4_group) * 4
+
+    attn = matrix(q_out, h) + 2 * matrix(kv_out, h) + matrix(h, q_out) + norm * dtype_nbytes
+    attn += (q_out + 2 * kv_out + h) * dtype_nbytes if spec.attention_bias else 0
+    n_up = 1 if spec.family == "opt" else 2
+    mlp = n_up * matrix(spec.ffn, h) + matrix(h, spec.ffn) + norm * dtype_nbytes
+    mlp += (spec.ffn + h) * dtype_nbytes if spec.mlp_bias else 0
+    embed = spec.vocab_size * h * dtype_nbytes
+    embed += (spec.max_positions + 2) * h * dtype_nbytes if spec.family == "opt" else 0
+    sizes = {"embed": embed, "head": spec.vocab_size * h * dtype_nbytes + norm * dtype_nbytes}
+    for layer in range(spec.n_layers):
+        sizes[f"L{layer}.attn"], sizes[f"L{layer}.mlp"] = attn, mlp
+    return sizes

@@ -100,7 +100,6 @@ def _llama_fields(config: dict[str, Any], family: str) -> dict[str, Any]:
         "rope_theta": theta,
         "rope_scaling": scaling,
         "attention_bias": qkv_bias,
-        "o_bias": family != "qwen2" and qkv_bias,
         "mlp_bias": family == "llama" and bool(config.get("mlp_bias", False)),
         "sliding_window": config.get("sliding_window") if family == "mistral" else None,
     }
@@ -150,7 +149,6 @@ def _opt_fields(config: dict[str, Any]) -> dict[str, Any]:
         "max_positions": _required(config, "max_position_embeddings"),
         "norm_eps": 1e-5,  # torch.nn.LayerNorm's default, which OPT uses
         "attention_bias": bias,
-        "o_bias": bias,
         "mlp_bias": bias,
     }
 

@@ -12,7 +12,6 @@ caller that times or pins a block must get real memory.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from safetensors import SafetensorError, safe_open
 
 from pipo.errors import ModelFormatError
 from pipo.io.hf_config import load_spec
-from pipo.io.spec import ModelSpec, expected_tensor_names
+from pipo.io.spec import ModelSpec, block_part, compile_name_rules, match_name_rules
 from pipo.io.tokenizer import Tokenizer, tokenizer_from_hf_dir
+from pipo.ops.traits import block_tensor_names
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,8 +33,8 @@ _DTYPE_NBYTES = {
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
 
-# (pattern after an optional "model." prefix, block template, name template). Templates see the
-# named groups with ``k`` shortened to "w"/"b" (weight/bias) and ``p`` normalised ("out" -> "o").
+# (pattern after an optional "model." prefix, block template, name template): see
+# :func:`pipo.io.spec.compile_name_rules` for how the named groups fill the templates.
 _LLAMA_RULES = (
     (r"embed_tokens\.weight", "embed", "tok"),
     (r"layers\.(?P<i>\d+)\.self_attn\.(?P<p>[qkvo])_proj\.(?P<k>weight|bias)", "L{i}.attn", "{k}{p}"),
@@ -56,10 +56,7 @@ _OPT_RULES = (
     (r"lm_head\.weight", "head", "w_out"),
 )
 _RULES = {"llama": _LLAMA_RULES, "mistral": _LLAMA_RULES, "qwen2": _LLAMA_RULES, "opt": _OPT_RULES}
-_COMPILED = {
-    family: tuple((re.compile(r"(?:model\.)?" + pat + r"$"), blk, nm) for pat, blk, nm in rules)
-    for family, rules in _RULES.items()
-}
+_COMPILED = {family: compile_name_rules(rules, prefix=r"(?:model\.)?") for family, rules in _RULES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +79,7 @@ class StoredTensor:
 
 def canonical_name(family: str, hf_name: str) -> tuple[str, str] | None:
     """``(block, canonical name)`` of an HF parameter name, ``None`` for names pipo does not use."""
-    for pattern, block_tpl, name_tpl in _COMPILED[family]:
-        match = pattern.match(hf_name)
-        if match:
-            groups = match.groupdict()
-            if "k" in groups:
-                groups["k"] = groups["k"][0]  # weight -> w, bias -> b
-            if groups.get("p") == "out":
-                groups["p"] = "o"
-            return block_tpl.format(**groups), name_tpl.format(**groups)
-    return None
+    return match_name_rules(_COMPILED[family], hf_name)
 
 
 def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -178,7 +166,7 @@ class SafetensorsDir:
         if self.spec.tie_embeddings and "tok" in layout["embed"]:
             layout["head"]["w_out"] = layout["embed"]["tok"]
         for block, tensors in layout.items():
-            missing = sorted(expected_tensor_names(self.spec, block) - tensors.keys())
+            missing = sorted(set(block_tensor_names(self.spec, block_part(block))) - tensors.keys())
             if missing:
                 raise ModelFormatError(f"{self.path}: block {block} lacks tensor(s) {', '.join(missing)}.")
         return layout

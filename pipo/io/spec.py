@@ -19,6 +19,7 @@ Linear weights are stored as [out_features, in_features], as in torch.nn.Linear.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "opt")
@@ -38,11 +39,9 @@ class RopeScaling:
 class ModelSpec:
     """Architecture of a decoder-only transformer, independent of where its weights live.
 
-    Biases: ``attention_bias`` means q/k/v projections carry biases (``bq``, ``bk``, ``bv``);
-    ``o_bias`` means the output projection does (``bo``): llama with ``attention_bias`` and OPT set
-    both, qwen2 sets only ``attention_bias``. ``mlp_bias`` covers ``b_up``/``b_down`` (and ``b_gate``
-    for gated families). ``sliding_window`` is recorded from the config (mistral); ``None`` means
-    full attention.
+    ``attention_bias`` / ``mlp_bias`` are the config's flags; which projections they switch on per
+    family (qwen2: q/k/v but not o) is :mod:`pipo.ops.traits`' table. ``sliding_window`` is recorded
+    from a mistral config (``None``: full attention) so callers can refuse longer contexts.
     """
 
     family: str
@@ -60,7 +59,6 @@ class ModelSpec:
     tie_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    o_bias: bool = False
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = field(default_factory=tuple)
     pad_id: int | None = None
@@ -97,30 +95,26 @@ def block_part(block: str) -> str:
     return block.split(".", 1)[1] if block.startswith("L") else block
 
 
-# Families whose norms are LayerNorm (weight + bias) rather than RMSNorm (weight only).
-LAYERNORM_FAMILIES = frozenset({"opt"})
-# Families with a gated (SwiGLU) MLP: w_gate beside w_up.
-GATED_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
-# Families with learned absolute positions (embed block carries ``pos``) instead of rope.
-LEARNED_POSITION_FAMILIES = frozenset({"opt"})
+
+NameRules = tuple[tuple[re.Pattern[str], str, str], ...]
+_SHORT_GROUPS = {"weight": "w", "bias": "b", "out": "o", "output": "o"}
 
 
-def expected_tensor_names(spec: ModelSpec, block: str) -> frozenset[str]:
-    """Canonical tensor names a complete ``block`` of ``spec`` holds (see the module docstring)."""
-    part = block_part(block)
-    norm = {"norm_w", "norm_b"} if spec.family in LAYERNORM_FAMILIES else {"norm_w"}
-    if part == "embed":
-        return frozenset({"tok", "pos"} if spec.family in LEARNED_POSITION_FAMILIES else {"tok"})
-    if part == "head":
-        return frozenset(norm | {"w_out"})
-    if part == "attn":
-        names = norm | {"wq", "wk", "wv", "wo"}
-        names |= {"bq", "bk", "bv"} if spec.attention_bias else set()
-        return frozenset(names | ({"bo"} if spec.o_bias else set()))
-    if part == "mlp":
-        gated = spec.family in GATED_FAMILIES
-        names = norm | {"w_up", "w_down"} | ({"w_gate"} if gated else set())
-        if spec.mlp_bias:
-            names |= {"b_up", "b_down"} | ({"b_gate"} if gated else set())
-        return frozenset(names)
-    raise ValueError(f"unknown block name {block!r}")
+def compile_name_rules(rules: tuple[tuple[str, str, str], ...], prefix: str = "") -> NameRules:
+    """Compile ``(regex, block template, name template)`` rules mapping file tensor names to blocks.
+
+    Each regex (anchored, after ``prefix``) may capture named groups; :func:`match_name_rules`
+    formats both templates with them, ``weight``/``bias`` shortened to ``w``/``b`` and
+    ``out``/``output`` to ``o``: ``"{k}{p}"`` turns ``(k="weight", p="q")`` into ``"wq"``.
+    """
+    return tuple((re.compile(prefix + pattern + r"$"), block, name) for pattern, block, name in rules)
+
+
+def match_name_rules(rules: NameRules, tensor_name: str) -> tuple[str, str] | None:
+    """``(block, canonical name)`` for ``tensor_name``, or ``None`` when no rule matches."""
+    for pattern, block_template, name_template in rules:
+        match = pattern.match(tensor_name)
+        if match:
+            groups = {key: _SHORT_GROUPS.get(value, value) for key, value in match.groupdict().items()}
+            return block_template.format(**groups), name_template.format(**groups)
+    return None

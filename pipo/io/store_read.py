@@ -91,9 +91,9 @@ class OffloadStore:
     def tokenizer(self) -> Any:
         """The tokenizer saved beside the blocks, or ``None`` when the store has none."""
         if self._tokenizer is None and (self._path / "tokenizer.json").exists():
-            from pipo.io.tokenizer import Tokenizer
+            from pipo.io.tokenizer import tokenizer_from_hf_dir
 
-            self._tokenizer = Tokenizer.from_dir(self._path)
+            self._tokenizer = tokenizer_from_hf_dir(self._path, self.spec)
         return self._tokenizer
 
     @property

@@ -73,7 +73,7 @@ def convert(
             spec=source.spec, weights=weights, source=fingerprint(source.path), blocks=blocks
         )
         _write_json(tmp_path / INDEX_NAME, index_to_dict(index))
-        _save_tokenizer(source, tmp_path)
+        _save_tokenizer(source.tokenizer, tmp_path)
         _fsync_path(tmp_path)
         _install(tmp_path, out_path)
     except BaseException:
@@ -158,17 +158,23 @@ def _pack(arrays: list[_Array]) -> tuple[tuple[TensorEntry, ...], torch.Tensor]:
     return tuple(entries), blob
 
 
-def _save_tokenizer(source: Any, store_path: Path) -> None:
-    """Save the source's tokenizer as Hugging Face ``tokenizer.json`` + ``tokenizer_config.json``."""
-    source_dir = Path(source.path) if source.path is not None else None
-    if source_dir is not None and source_dir.is_dir() and (source_dir / _TOKENIZER_FILES[0]).exists():
-        for name in _TOKENIZER_FILES:
-            if (source_dir / name).exists():
-                shutil.copyfile(source_dir / name, store_path / name)
+def _save_tokenizer(tokenizer: Any, store_path: Path) -> None:
+    """Save a :class:`~pipo.io.tokenizer.Tokenizer` as HF ``tokenizer.json`` + ``tokenizer_config.json``.
+
+    The config carries what :func:`~pipo.io.tokenizer.tokenizer_from_hf_dir` reads back: BOS/EOS
+    tokens, whether to prepend BOS, and the chat template. Further EOS ids come back from the spec.
+    """
+    if tokenizer is None:
         return
-    tokenizer = source.tokenizer
-    if tokenizer is not None:
-        tokenizer.save(store_path)
+    tokenizer.backend.save(str(store_path / _TOKENIZER_FILES[0]))
+    eos_id = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+    config = {
+        "add_bos_token": bool(tokenizer.add_bos),
+        "bos_token": None if tokenizer.bos_id is None else tokenizer.backend.id_to_token(tokenizer.bos_id),
+        "eos_token": None if eos_id is None else tokenizer.backend.id_to_token(eos_id),
+        "chat_template": tokenizer.chat_template,
+    }
+    _write_json(store_path / _TOKENIZER_FILES[1], config)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

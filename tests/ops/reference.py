@@ -123,16 +123,18 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 
 def pipo_generate(spec: ModelSpec, blocks: dict, prompts: list[list[int]], n_new: int,
-                  params: SamplingParams = SamplingParams()):
+                  params: SamplingParams = SamplingParams(), dtype: torch.dtype = torch.float32):
     """Generate n_new tokens per prompt the engine's way: (tokens [b, n_new], [logits [b, V]] * n_new).
 
+    ``dtype`` is the compute dtype: the caller passes ``blocks`` already in it, as the engine does.
     Also returns the KV caches so tests can check that pad slots stayed finite.
     """
     ids, mask = left_pad(prompts)                                      # [b, T] each
     b, width = ids.shape
     capacity = width + n_new
-    caches = [(torch.zeros(b, spec.n_kv_heads, capacity, spec.head_dim),
-               torch.zeros(b, spec.n_kv_heads, capacity, spec.head_dim)) for _ in range(spec.n_layers)]
+    shape = (b, spec.n_kv_heads, capacity, spec.head_dim)
+    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+              for _ in range(spec.n_layers)]
     rope = rope_tables(spec, spec.max_positions)
     start, tokens, all_logits = 0, [], []
     for _ in range(n_new):

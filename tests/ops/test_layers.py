@@ -4,8 +4,6 @@ The pipo side runs a left-padded batch of two prompts (prefill, then one token p
 KV caches); the reference runs transformers on each prompt alone, without padding or cache.
 """
 
-import math
-
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -37,6 +35,18 @@ def test_forward_matches_transformers(case):
         assert torch.isfinite(k_cache).all() and torch.isfinite(v_cache).all()
 
 
+@pytest.mark.parametrize("case", ["llama3", "opt"])
+def test_bf16_prefill_matches_transformers_bf16(case):
+    model, spec, blocks = build_case(case)
+    blocks = {name: {k: t.to(torch.bfloat16) for k, t in w.items()} for name, w in blocks.items()}
+    with torch.no_grad():
+        _, logits, _ = pipo_generate(spec, blocks, PROMPTS, 1, dtype=torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    for row, prompt in enumerate(PROMPTS):
+        _, want = hf_generate(model, prompt, 1)
+        torch.testing.assert_close(logits[0][row], want[0], atol=0.05, rtol=0)  # a few bf16 ulps
+
+
 def _tiny_spec(**overrides) -> ModelSpec:
     fields = dict(family="llama", vocab_size=128, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2,
                   head_dim=16, ffn=96, max_positions=64)
@@ -48,9 +58,11 @@ def test_rope_tables_match_transformers(rope):
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, rope_parameters=rope)
     spec = spec_from_config(config)
-    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, None) if rope["rope_type"] != "default" \
-        else (1.0 / (rope["rope_theta"] ** (torch.arange(0, 16, 2).float() / 16)), 1.0)
-    assert scale == 1.0
+    if rope["rope_type"] == "default":  # transformers keeps the default init inside the model class
+        inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, 16, 2).float() / 16))
+    else:
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, None)
+        assert scale == 1.0
     angles = torch.outer(torch.arange(64).float(), inv_freq)
     cos, sin = rope_tables(spec, 64)
     assert cos.shape == sin.shape == (64, 16)

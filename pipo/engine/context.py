@@ -1,0 +1,32 @@
+"""The run context: every tensor a step's executors read or write, and the per-step values.
+
+Tasks hold only keys; executors find the data here. The engine fills the per-step fields (``start``,
+``t``, token ids, positions, masks) before each run of the same compiled step graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipo.engine.kv import KVCache
+from pipo.engine.weights import PlacedWeights
+from pipo.io.spec import ModelSpec
+
+
+@dataclass
+class StepContext:
+    """State shared by the executors of one generation; per-step fields change every step."""
+
+    spec: ModelSpec
+    weights: PlacedWeights
+    kv: KVCache
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    start: int = 0
+    t: int = 0
+    ids: list[torch.Tensor] = field(default_factory=list)        # per micro: [rows, t]
+    positions: list[torch.Tensor] = field(default_factory=list)  # per micro: [rows, t]
+    key_mask: list[torch.Tensor] = field(default_factory=list)   # per micro: [rows, max_len]
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # per micro: [rows, t, hidden]
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # per micro: [rows, vocab]

@@ -1,0 +1,194 @@
+"""The engine: plans a run, places weights and KV, compiles step graphs once, generates tokens.
+
+``Engine.generate_ids`` is the whole loop: one prefill run of the prefill graph, then one run of the
+(same, compiled once) decode graph per new token; sampling happens between runs on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from graphs import DECODE, PREFILL, build_step
+from pipo.engine import executors as _executors  # noqa: F401 - registers the default executors
+from pipo.engine.context import StepContext
+from pipo.engine.kv import KVCache
+from pipo.engine.options import EngineOptions
+from pipo.engine.weights import PlacedWeights
+from pipo.errors import GenerationError
+from pipo.ops.layers import positions_from_mask
+from pipo.ops.rope import rope_tables
+from pipo.ops.sampling import SamplingParams, make_generator, sample
+from pipo.ops.traits import traits_for
+from pipo.plan import Plan, estimate_block_nbytes, fixed_plan, make_plan
+from pipo.runtime.scheduler import Program, RunStats, Runtime
+
+
+@dataclass
+class Generation:
+    """Result of :meth:`Engine.generate_ids`: new tokens per prompt (eos excluded) and timings."""
+
+    tokens: list[list[int]]
+    plan: Plan
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    logits: list[torch.Tensor] = field(default_factory=list)
+    step_stats: list[RunStats] = field(default_factory=list)
+
+
+class Engine:
+    """Generates text from one model. Owns the runtime (lanes, event loop); close it when done."""
+
+    def __init__(self, source, options: EngineOptions | None = None):
+        self.source = source
+        self.options = options or EngineOptions()
+        self.spec = source.spec
+        self.tokenizer = source.tokenizer
+        self.device = self.options.torch_device()
+        self.dtype = self.options.torch_dtype()
+        self.runtime = Runtime(lane_factory=self.options.lane_factory(), trace=self.options.trace)
+        self._weights: PlacedWeights | None = None
+        self._programs: dict[tuple, Program] = {}
+
+    def plan_for(self, batch: int, max_len: int) -> Plan:
+        """The plan for a batch of ``batch`` sequences of up to ``max_len`` tokens."""
+        o = self.options
+        sizes = estimate_block_nbytes(self.spec, self.dtype.itemsize, o.int4_group())
+        if o.placement != "auto":
+            return fixed_plan(self.spec, sizes, o.placement, batch=batch, max_len=max_len,
+                              micro_batch=o.micro_batch, kv_offload=o.kv_offload,
+                              n_weight_slots=o.n_weight_slots, n_kv_slots=o.n_kv_slots,
+                              kv_dtype_nbytes=self.dtype.itemsize, schedule=o.schedule)
+        return make_plan(self.spec, sizes, batch=batch, max_len=max_len, micro_batch=o.micro_batch,
+                         device_memory=o.device_memory, offload_tier=o.offload_tier(self.source),
+                         kv_offload=o.kv_offload, n_weight_slots=o.n_weight_slots,
+                         n_kv_slots=o.n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
+                         schedule=o.schedule)
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
+                     sampling: SamplingParams = SamplingParams(), *, keep_logits: bool = False,
+                     on_step: Callable[[list[int]], None] | None = None) -> Generation:
+        """Generate up to ``max_new_tokens`` tokens after each prompt (a batch, left-padded)."""
+        sampling.validate()
+        self._check_request(prompts, max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        plan = self.plan_for(len(prompts), longest + max_new_tokens)
+        ctx = self._context(plan)
+        mask = _prompt_mask(prompts, plan.max_len)
+        ids = _left_padded(prompts, longest, self._pad_id())
+        generator = make_generator(sampling)
+        result = Generation(tokens=[[] for _ in prompts], plan=plan)
+        done = [False] * len(prompts)
+        eos = set(self.spec.eos_ids)
+        for step in range(max_new_tokens):
+            phase, start = (PREFILL, 0) if step == 0 else (DECODE, longest + step - 1)
+            t0 = time.perf_counter()
+            logits = self._run_step(plan, phase, ctx, ids, mask, start, result)
+            next_ids = sample(logits, sampling, generator)
+            elapsed = time.perf_counter() - t0
+            if step == 0:
+                result.prefill_s = elapsed
+            else:
+                result.decode_s += elapsed
+            result.steps += 1
+            if keep_logits:
+                result.logits.append(logits)
+            _append(result.tokens, done, next_ids.tolist(), eos)
+            if on_step is not None:
+                on_step(next_ids.tolist())
+            if all(done):
+                break
+            mask[:, longest + step] = True
+            ids = next_ids.view(-1, 1)
+        return result
+
+    def _check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise GenerationError("every prompt must have at least one token")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        need = max(len(p) for p in prompts) + max_new_tokens
+        if need > self.spec.max_positions:
+            raise GenerationError(
+                f"prompt ({max(len(p) for p in prompts)} tokens) plus max_new_tokens "
+                f"({max_new_tokens}) exceeds the model's context of {self.spec.max_positions} tokens")
+
+    def _pad_id(self) -> int:
+        spec = self.spec
+        return next(i for i in (spec.pad_id, *spec.eos_ids, 0) if i is not None)
+
+    def _context(self, plan: Plan) -> StepContext:
+        if self._weights is None or self._weights.plan.placement != plan.placement or \
+                self._weights.plan.n_weight_slots != plan.n_weight_slots:
+            self._weights = None  # release the old placement before building the new one
+            self._weights = PlacedWeights(self.source, plan, device=self.device, dtype=self.dtype,
+                                          int4_group=self.options.int4_group())
+        else:
+            self._weights.plan = plan
+        rope = None
+        if traits_for(self.spec).positions == "rope":
+            rope = rope_tables(self.spec, plan.max_len, self.device, self.dtype)
+        kv = KVCache(self.spec, plan, device=self.device, dtype=self.dtype)
+        return StepContext(self.spec, self._weights, kv, rope)
+
+    def program(self, plan: Plan, phase: str) -> Program:
+        """The compiled step graph of ``phase`` for ``plan`` (compiled once, then reused)."""
+        key = (plan.placement, plan.n_micro, plan.micro_batch, plan.batch, plan.kv_offloaded,
+               plan.n_weight_slots, plan.n_kv_slots, plan.schedule, phase)
+        if key not in self._programs:
+            self._programs[key] = self.runtime.compile(build_step(self.spec, plan, phase))
+        return self._programs[key]
+
+    def _run_step(self, plan, phase, ctx, ids, mask, start, result) -> torch.Tensor:
+        t = ids.shape[1]
+        ctx.start, ctx.t = start, t
+        positions = positions_from_mask(mask[:, :start + t])[:, start:]
+        rows = [slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
+                for m in range(plan.n_micro)]
+        ctx.ids = [ids[r].to(self.device) for r in rows]
+        ctx.positions = [positions[r].to(self.device) for r in rows]
+        ctx.key_mask = [mask[r].to(self.device) for r in rows]
+        stats = self.runtime.run(self.program(plan, phase), ctx)
+        if self.options.trace:
+            result.step_stats.append(stats)
+        return torch.cat([ctx.logits[m] for m in range(plan.n_micro)]).float().cpu()
+
+    def close(self) -> None:
+        """Stop the runtime's lanes and release weights."""
+        self.runtime.close()
+        self._weights = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _prompt_mask(prompts: list[list[int]], max_len: int) -> torch.Tensor:
+    longest = max(len(p) for p in prompts)
+    mask = torch.zeros(len(prompts), max_len, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        mask[row, longest - len(p):longest] = True
+    return mask
+
+
+def _left_padded(prompts: list[list[int]], longest: int, pad_id: int) -> torch.Tensor:
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+    return ids
+
+
+def _append(tokens: list[list[int]], done: list[bool], new: list[int], eos: set[int]) -> None:
+    for row, token in enumerate(new):
+        if done[row]:
+            continue
+        if token in eos:
+            done[row] = True
+        else:
+            tokens[row].append(token)

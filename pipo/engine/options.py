@@ -1,0 +1,88 @@
+"""What a user chooses when loading a model: one frozen record, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pipo.errors import PipoError
+from pipo.plan import DISK, HOST, PLACEMENTS, SCHEDULE_NAMES
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WEIGHT_MODES = ("auto", "int4")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Device, dtypes, memory budget and schedule settings of an :class:`Engine`.
+
+    ``weights="int4"`` keeps 4-bit checkpoints 4-bit and quantizes dense ones (group ``group_size``);
+    ``"auto"`` computes on dense weights in ``dtype``. ``device_memory`` (bytes) caps resident
+    weights + weight slots + device KV; ``None`` keeps everything resident. ``placement`` other
+    than ``"auto"`` puts every block in one tier (``resident``, ``host``, ``disk``), like FlexGen's
+    fixed ``--percent``.
+    """
+
+    device: str = "cpu"
+    dtype: str | None = None
+    weights: str = "auto"
+    group_size: int = 64
+    device_memory: int | None = None
+    placement: str = "auto"
+    kv_offload: bool = False
+    schedule: str = "pipo"
+    micro_batch: int | None = None
+    n_weight_slots: int = 2
+    n_kv_slots: int = 2
+    trace: bool = False
+
+    def __post_init__(self):
+        if self.weights not in WEIGHT_MODES:
+            raise PipoError(f"unknown --weights {self.weights!r}; choose one of "
+                            f"{', '.join(WEIGHT_MODES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise PipoError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise PipoError(f"unknown --schedule {self.schedule!r}; choose one of "
+                            f"{', '.join(SCHEDULE_NAMES)}")
+        if self.placement not in ("auto", *PLACEMENTS):
+            raise PipoError(f"unknown placement {self.placement!r}; choose auto or one of "
+                            f"{', '.join(PLACEMENTS)}")
+        if self.group_size not in (32, 64, 128):
+            raise PipoError(f"--group-size must be 32, 64 or 128, got {self.group_size}")
+
+    def torch_device(self) -> torch.device:
+        """The compute device; a clear error when CUDA is asked for but absent."""
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise PipoError("--device cuda was asked for but no CUDA device is available "
+                            "(this torch build or machine has none); use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise PipoError(f"unsupported device {self.device!r}; use cpu or cuda")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        """Compute dtype: as asked, else float32 on CPU and float16 on CUDA."""
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return torch.float16 if self.torch_device().type == "cuda" else torch.float32
+
+    def int4_group(self) -> int | None:
+        """Group size when weights are int4, else ``None``."""
+        return self.group_size if self.weights == "int4" else None
+
+    def offload_tier(self, source) -> str:
+        """Where streamed blocks come from: the disk store when the model is one, else host RAM."""
+        return DISK if hasattr(source, "read_block_into") else HOST
+
+    def lane_factory(self) -> Callable:
+        """Lanes for the device: CUDA streams on a GPU, threads and the loop on CPU."""
+        if self.torch_device().type == "cuda":
+            from pipo.runtime.cuda_lanes import cuda_lane
+
+            return cuda_lane
+        from pipo.runtime.lanes import cpu_lane
+
+        return cpu_lane

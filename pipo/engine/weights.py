@@ -1,0 +1,106 @@
+"""Weights placed per the plan: resident blocks, host buffers, disk store, and the weight slots.
+
+- ``resident``: the block's tensors live in compute-device memory for the whole run.
+- ``host``: the block is packed once into one flat host buffer (pinned on CUDA); a LoadWeight task
+  copies it into a weight slot with one copy.
+- ``disk``: the block stays in the offload store; a LoadWeight task on the disk lane reads it with
+  aiofiles straight into a 4 KiB-aligned slot buffer. It is never held whole in RAM.
+Compute asks :meth:`PlacedWeights.block` for a block's tensors: resident ones, or views of its slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipo.engine.blocks import BlockLayout, pack, views
+from pipo.plan import DISK, RESIDENT, Plan
+
+QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
+    """Cast dense floats to ``dtype``; with ``int4_group``, quantize the linear weights to int4.
+
+    Weights that arrive already 4-bit (GGUF Q4_0/Q4_1) stay 4-bit. Embeddings and the LM head stay
+    dense: they are gathers or a single large product whose accuracy matters most.
+    """
+    out = {}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            out[name] = value
+        elif int4_group and name in QUANTIZABLE:
+            from pipo.ops.quant import quantize
+
+            out[name] = quantize(value.float(), group_size=int4_group)
+        else:
+            out[name] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+class PlacedWeights:
+    """Owns every weight tensor of a run and the slot buffers streamed blocks pass through."""
+
+    def __init__(self, source, plan: Plan, *, device: torch.device, dtype: torch.dtype,
+                 int4_group: int | None = None):
+        self.source, self.plan, self.device, self.dtype = source, plan, device, dtype
+        self.int4_group = int4_group
+        self.resident: dict[str, dict] = {}
+        self.host: dict[str, tuple[torch.Tensor, BlockLayout]] = {}
+        self.layouts: dict[str, BlockLayout] = {}
+        for block, tier in plan.placement:
+            self._place(block, tier)
+        self.slots = [self._slot_buffer() for _ in range(plan.n_weight_slots if self._streams()
+                                                         else 0)]
+        self.slot_views: list[dict] = [{} for _ in self.slots]
+        self.slot_holds: list[str | None] = [None] * len(self.slots)
+
+    def _streams(self) -> bool:
+        return any(tier != RESIDENT for _, tier in self.plan.placement)
+
+    def _place(self, block: str, tier: str) -> None:
+        if tier == DISK:
+            return  # read per step by load_from_disk
+        tensors = prepare_block(self.source.read_block(block), self.dtype, self.int4_group)
+        if tier == RESIDENT:
+            self.resident[block] = {k: v.to(self.device) for k, v in tensors.items()}
+        else:
+            pin = self.device.type == "cuda"
+            buffer, layout = pack(tensors, pin=pin)
+            self.host[block], self.layouts[block] = (buffer, layout), layout
+
+    def _slot_buffer(self) -> torch.Tensor:
+        sizes = [layout.nbytes for layout in self.layouts.values()]
+        if any(tier == DISK for _, tier in self.plan.placement):
+            from pipo.io.aligned import aligned_empty
+
+            return aligned_empty(max(sizes + [self.source.max_block_nbytes]))
+        return torch.empty(max(sizes), dtype=torch.uint8, device=self.device)
+
+    def block(self, block: str, slot: int | None) -> dict:
+        """The tensors Compute uses for ``block``: resident, or the views of ``slot``."""
+        if slot is None:
+            return self.resident[block]
+        if self.slot_holds[slot] != block:
+            raise RuntimeError(f"weight slot {slot} holds {self.slot_holds[slot]}, not {block}: "
+                               "the step graph lacks an ordering edge")
+        return self.slot_views[slot]
+
+    def load(self, block: str, slot: int) -> None:
+        """Copy host block ``block`` into weight ``slot`` (one copy)."""
+        buffer, layout = self.host[block]
+        target = self.slots[slot][:layout.nbytes]
+        target.copy_(buffer, non_blocking=True)
+        self._fill(slot, block, views(target, layout))
+
+    async def load_from_disk(self, block: str, slot: int) -> None:
+        """Read ``block`` from the offload store straight into weight ``slot``."""
+        tensors = await self.source.read_block_into(block, self.slots[slot])
+        self._fill(slot, block, prepare_block(tensors, self.dtype, None))
+
+    def _fill(self, slot: int, block: str, tensors: dict) -> None:
+        self.slot_views[slot], self.slot_holds[slot] = tensors, block
+
+    def host_nbytes(self) -> int:
+        """Bytes held in host buffers."""
+        return sum(buffer.numel() for buffer, _ in self.host.values())
+
