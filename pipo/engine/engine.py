@@ -71,8 +71,11 @@ class Engine:
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), *, keep_logits: bool = False,
-                     on_step: Callable[[list[int]], None] | None = None) -> Generation:
-        """Generate up to ``max_new_tokens`` tokens after each prompt (a batch, left-padded)."""
+                     on_step: Callable[[list[int | None]], None] | None = None) -> Generation:
+        """Generate up to ``max_new_tokens`` tokens after each prompt (a batch, left-padded).
+
+        ``on_step`` receives, after every step, each row's new token (``None`` once a row ended).
+        """
         sampling.validate()
         self._check_request(prompts, max_new_tokens)
         longest = max(len(p) for p in prompts)
@@ -97,9 +100,9 @@ class Engine:
             result.steps += 1
             if keep_logits:
                 result.logits.append(logits)
-            _append(result.tokens, done, next_ids.tolist(), eos)
+            fresh = _append(result.tokens, done, next_ids.tolist(), eos)
             if on_step is not None:
-                on_step(next_ids.tolist())
+                on_step(fresh)
             if all(done):
                 break
             mask[:, longest + step] = True
@@ -157,6 +160,20 @@ class Engine:
             result.step_stats.append(stats)
         return torch.cat([ctx.logits[m] for m in range(plan.n_micro)]).float().cpu()
 
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64,
+                 sampling: SamplingParams = SamplingParams(), *, chat: bool = False,
+                 system: str | None = None, on_text=None) -> str | list[str]:
+        """Completion text of one prompt (a ``str``) or of each prompt of a list (a batch).
+
+        ``chat`` wraps prompts in the model's chat template; ``on_text(row, piece)`` streams.
+        """
+        from pipo.engine.text import generate_text
+
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        texts, _ = generate_text(self, batch, max_new_tokens, sampling, chat=chat, system=system,
+                                 on_text=on_text)
+        return texts[0] if isinstance(prompts, str) else texts
+
     def close(self) -> None:
         """Stop the runtime's lanes and release weights."""
         self.runtime.close()
@@ -184,11 +201,14 @@ def _left_padded(prompts: list[list[int]], longest: int, pad_id: int) -> torch.T
     return ids
 
 
-def _append(tokens: list[list[int]], done: list[bool], new: list[int], eos: set[int]) -> None:
+def _append(tokens: list[list[int]], done: list[bool], new: list[int], eos: set[int]
+            ) -> list[int | None]:
+    """Record each row's new token; return it per row, ``None`` for rows that have ended."""
+    fresh: list[int | None] = []
     for row, token in enumerate(new):
-        if done[row]:
-            continue
-        if token in eos:
+        if not done[row] and token in eos:
             done[row] = True
-        else:
+        fresh.append(None if done[row] else token)
+        if not done[row]:
             tokens[row].append(token)
+    return fresh

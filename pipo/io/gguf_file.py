@@ -33,6 +33,9 @@ from pipo.ops.traits import block_tensor_names
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 _KEEPABLE_TYPES = ("Q4_0", "Q4_1")
+# A kept Q4_0 / Q4_1 weight becomes a group-32 QuantTensor: per 32 values, 16 bytes of codes plus an
+# fp16 scale and an fp16 min (Q4_0 gains a min, so both take 20 bytes).
+_KEPT_NBYTES_PER_32 = 20
 # What GGUFReader and numpy raise on a malformed or truncated file.
 _READER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError, OSError)
 
@@ -150,10 +153,10 @@ class GGUFFile:
         return keep_quant and tensor.tensor_type.name in _KEEPABLE_TYPES and len(tensor.data.shape) == 2
 
     def block_nbytes(self, block: str, keep_quant: bool | None = None) -> int:
-        """Bytes :meth:`read_block` returns: 4 per element, or the file's bytes for kept 4-bit blocks."""
+        """Bytes :meth:`read_block` returns: 4 per element, or the QuantTensor's bytes for kept weights."""
         keep = self.keep_quant if keep_quant is None else keep_quant
         return sum(
-            int(t.n_bytes) if self._kept_quant(t, keep) else int(t.n_elements) * 4
+            int(t.n_elements) * _KEPT_NBYTES_PER_32 // 32 if self._kept_quant(t, keep) else int(t.n_elements) * 4
             for t in self._layout[block].values()
         )
 
@@ -189,7 +192,10 @@ def _quant_tensor(tensor: Any, order: np.ndarray | None) -> Any:
 
     build = quant.from_gguf_q4_0 if tensor.tensor_type.name == "Q4_0" else quant.from_gguf_q4_1
     shape = (int(tensor.shape[1]), int(tensor.shape[0]))  # GGUF dims are innermost-first
-    qt = build(np.array(tensor.data, dtype=np.uint8), shape)
+    try:
+        qt = build(np.array(tensor.data, dtype=np.uint8), shape)
+    except ValueError as err:  # e.g. rows not a multiple of 32 values, fp16 overflow of -8 * d
+        raise ModelFormatError(f"tensor {tensor.name} cannot be kept as 4-bit: {err}") from None
     if order is None:
         return qt
     rows = torch.from_numpy(order)

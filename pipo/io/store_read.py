@@ -42,6 +42,7 @@ from pipo.io.store_format import (
     dtype_from_name,
     index_from_dict,
 )
+from pipo.ops.quant import QuantTensor
 
 DEFAULT_CHUNK_NBYTES = 8 << 20
 DEFAULT_DEPTH = 4
@@ -107,7 +108,11 @@ class OffloadStore:
         return self._direct
 
     def block_nbytes(self, block: str) -> int:
-        """Bytes of ``block``'s blob (tensors plus 4 KiB alignment padding): its staging buffer size."""
+        """Bytes of ``block`` as stored: its blob, tensors plus 4 KiB alignment padding.
+
+        This is the staging buffer size :meth:`read_block_into` needs, and the memory the tensors of
+        :meth:`read_block` hold (they are views of one blob-sized allocation).
+        """
         return self._entry(block).nbytes
 
     def read_block(self, block: str) -> dict[str, Any]:
@@ -163,12 +168,15 @@ class OffloadStore:
         self._fd, self._async_fd = -1, None
 
     def __enter__(self) -> OffloadStore:
+        """Use the store in a ``with`` block; it closes on exit."""
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """Close the file descriptors."""
         self.close()
 
     def __del__(self) -> None:
+        """Close the file descriptors of a store nobody closed."""
         if getattr(self, "_fd", -1) >= 0:  # __init__ may have failed before opening
             self.close()
 
@@ -192,6 +200,7 @@ class OffloadStore:
         starts = iter(range(0, entry.nbytes, chunk_nbytes))
 
         async def reader() -> None:
+            """Take chunks until none are left; ``depth`` of these run at once."""
             for start in starts:  # shared iterator: each chunk is taken by exactly one reader
                 piece = view[start : start + chunk_nbytes]
                 await _apread_full(fd, piece, entry.offset_nbytes + start, where)
@@ -282,8 +291,6 @@ def _tensors_from_blob(blob: torch.Tensor, entries: tuple[TensorEntry, ...]) -> 
             out.setdefault(entry.name, None)  # keep the index order
             parts.setdefault(entry.name, {})[entry.quant.part] = view
     if parts:
-        from pipo.ops.quant import QuantTensor
-
         quant = {e.name: e.quant for e in entries if e.quant is not None}
         for name, tensor_parts in parts.items():
             params = quant[name]

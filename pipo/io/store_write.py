@@ -37,6 +37,7 @@ from pipo.io.store_format import (
     fingerprint,
     index_to_dict,
 )
+from pipo.ops.quant import QuantTensor, dequantize, quantize
 
 _CAST_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int4": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -108,13 +109,11 @@ def _block_arrays(tensors: dict[str, Any], weights: str, group_size: int) -> lis
     """The arrays to store for one block's canonical tensors, after the weights-mode conversion."""
     arrays: list[_Array] = []
     for name, value in tensors.items():
-        if _is_quant(value) and weights in ("keep", "int4"):
+        if isinstance(value, QuantTensor) and weights in ("keep", "int4"):
             arrays += _quant_arrays(name, value)
-        elif _is_quant(value):
-            arrays.append((name, value.dequantize().to(_CAST_DTYPES[weights]), None))
+        elif isinstance(value, QuantTensor):
+            arrays.append((name, dequantize(value).to(_CAST_DTYPES[weights]), None))
         elif weights == "int4" and _is_linear_weight(name, value):
-            from pipo.ops.quant import quantize
-
             arrays += _quant_arrays(name, quantize(value, group_size))
         elif weights != "keep" and value.is_floating_point():
             arrays.append((name, value.to(_CAST_DTYPES[weights]), None))
@@ -128,12 +127,7 @@ def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
     return name.startswith("w") and tensor.ndim == 2 and tensor.is_floating_point()
 
 
-def _is_quant(value: Any) -> bool:
-    """Whether ``value`` is a QuantTensor (without importing the quant module for plain stores)."""
-    return not isinstance(value, torch.Tensor) and hasattr(value, "to_parts")
-
-
-def _quant_arrays(name: str, quant: Any) -> list[_Array]:
+def _quant_arrays(name: str, quant: QuantTensor) -> list[_Array]:
     """One array per QuantTensor part, all tagged with the tensor's logical shape and group size."""
     shape = tuple(int(d) for d in quant.shape)
     return [

@@ -49,6 +49,7 @@ PRE_TOKENIZER_SPLITS: dict[str, str | None] = {
     "qwen2": _QWEN2_SPLIT,
 }  # fmt: skip
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token_type values
+_EXTRA_EOS_KEY = "pipo_eos_token_ids"  # tokenizer_config.json key: every EOS id, not just eos_token
 
 
 class Tokenizer:
@@ -69,6 +70,24 @@ class Tokenizer:
         self.eos_ids = tuple(dict.fromkeys(eos_ids))
         self.add_bos = add_bos
         self.chat_template = chat_template
+
+    @classmethod
+    def from_dir(cls, path: str | Path, spec: ModelSpec | None = None) -> Tokenizer:
+        """Load from an HF-layout directory (see :func:`tokenizer_from_hf_dir`)."""
+        return tokenizer_from_hf_dir(path, spec)
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` so :meth:`from_dir` restores this tokenizer."""
+        directory = Path(directory)
+        (directory / "tokenizer.json").write_text(self.backend.to_str(), encoding="utf-8")
+        config = {
+            "bos_token": self._token_or_none(self.bos_id),
+            "eos_token": self._token_or_none(self.eos_ids[0] if self.eos_ids else None),
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template,
+            _EXTRA_EOS_KEY: list(self.eos_ids),
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:
@@ -265,7 +284,11 @@ def tokenizer_from_hf_dir(path: str | Path, spec: ModelSpec | None = None) -> To
     return Tokenizer(
         backend,
         bos_id=bos_id,
-        eos_ids=[*([eos_id] if eos_id is not None else []), *(spec.eos_ids if spec else ())],
+        eos_ids=[
+            *([eos_id] if eos_id is not None else []),
+            *config.get(_EXTRA_EOS_KEY, ()),
+            *(spec.eos_ids if spec else ()),
+        ],
         add_bos=bool(add_bos),
         chat_template=_chat_template(path, config),
     )

@@ -3,61 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipo.errors import ModelFormatError, PipoError
+from pipo.io.source import WeightSource, open_model
 from pipo.io.spec import ModelSpec
 from pipo.io.store import DATA_NAME, INDEX_NAME, OffloadStore, aligned_empty, convert
-
-def _fake_quant_module():
-    """TEMPORARY stand-in for pipo.ops.quant until it lands (same interface, crude int4)."""
-    import types
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class FakeQuant:
-        packed: torch.Tensor
-        scales: torch.Tensor
-        shape: tuple
-        group_size: int
-
-        def to_parts(self):
-            return {"packed": self.packed, "scales": self.scales}
-
-        @classmethod
-        def from_parts(cls, parts, shape, group_size):
-            return cls(parts["packed"], parts["scales"], tuple(shape), group_size)
-
-    def quantize(w, group_size):
-        groups = w.reshape(w.shape[0], -1, group_size)
-        scales = groups.abs().amax(-1).to(torch.float16)
-        packed = (groups / scales.float()[..., None] * 7).round().to(torch.int8).view(torch.uint8)
-        return FakeQuant(packed.reshape(w.shape[0], -1), scales, tuple(w.shape), group_size)
-
-    module = types.ModuleType("pipo.ops.quant")
-    module.QuantTensor, module.quantize = FakeQuant, quantize
-    return module
-
-
-try:
-    from pipo.ops import quant
-except ImportError:
-    quant = _fake_quant_module()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quant_importable():
-    """Make ``pipo.ops.quant`` importable (the fake, if the real one is missing) during this module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "pipo.ops.quant", quant)
-        yield
-
+from pipo.ops import quant
 
 SPEC = ModelSpec(
     family="llama", vocab_size=96, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -182,6 +140,25 @@ def test_direct_used_where_supported(store_dir):
         assert store.direct is supported
 
 
+def test_falls_back_when_o_direct_refused(source, store_dir, monkeypatch):
+    """A file system that refuses O_DIRECT (EINVAL) gets buffered reads, unless direct=True."""
+    weights, path = store_dir
+    real_open = os.open
+
+    def no_direct_open(file, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT refused (test)")
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    with OffloadStore(path) as store:
+        got = asyncio.run(store.read_block_into("head", aligned_empty(store.max_block_nbytes)))
+        assert store.direct is False
+        _assert_bytes_equal(got, _expected(source.blocks["head"], weights))
+    with OffloadStore(path, direct=True) as store, pytest.raises(OSError):
+        asyncio.run(store.read_block_into("head", aligned_empty(store.max_block_nbytes)))
+
+
 def test_staging_buffer_checked(store_dir):
     _, path = store_dir
     with OffloadStore(path) as store:
@@ -190,6 +167,29 @@ def test_staging_buffer_checked(store_dir):
             asyncio.run(store.read_block_into("embed", unaligned))
         with pytest.raises(ValueError, match="needs"):
             asyncio.run(store.read_block_into("embed", aligned_empty(16)))
+
+
+class QuantSource(FakeSource):
+    """A source that already hands out QuantTensors (as a GGUF file with keep_quant does)."""
+
+    def read_block(self, block: str) -> dict:
+        tensors = dict(self.blocks[block])
+        if "wq" in tensors:
+            tensors["wq"] = quant.quantize(tensors["wq"], 16)
+        return tensors
+
+
+@pytest.mark.parametrize("weights", ["keep", "fp16"])
+def test_quant_source_kept_or_dequantized(tmp_path, weights):
+    source = QuantSource(tmp_path)
+    with OffloadStore(convert(source, tmp_path / "store", weights=weights)) as store:
+        got = store.read_block("L0.attn")
+        want = source.read_block("L0.attn")["wq"]
+        if weights == "keep":
+            assert isinstance(got["wq"], quant.QuantTensor) and got["wq"].group_size == 16
+            _assert_bytes_equal({"wq": got["wq"]}, _flatten({"wq": want}))
+        else:
+            assert torch.equal(got["wq"], quant.dequantize(want).half())
 
 
 def _copy_store(src: Path, dst: Path) -> Path:
@@ -298,7 +298,8 @@ def test_hf_llama_store_matches_safetensors(hf_llama_dir, tmp_path, weights):
 
     source = SafetensorsDir(hf_llama_dir)
     with OffloadStore(convert(source, tmp_path / "store", weights=weights, group_size=GROUP_SIZE)) as store:
-        assert store.spec == source.spec
+        assert store.spec == source.spec and isinstance(store, WeightSource)
+        assert isinstance(open_model(store.path), OffloadStore)
         assert store.source_fingerprint.path == str(hf_llama_dir.resolve())
         for block in source.spec.block_names():
             _assert_bytes_equal(store.read_block(block), _expected(source.read_block(block), weights))

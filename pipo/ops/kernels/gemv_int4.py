@@ -1,0 +1,146 @@
+"""Fused int4 GEMV / skinny GEMM: ``y [B, out] = x [B, in] @ W^T`` for ``B <= MAX_BATCH``, reading the
+packed codes, scales and mins directly (nothing is dequantized to memory).
+
+Mapping: a block is ``(32 lanes, WARPS_PER_BLOCK warps)``; warp ``w`` owns output row
+``blockIdx.x * WARPS_PER_BLOCK + w``. Lane ``l`` walks the row's int32 words ``l, l + 32, ...``, so a
+warp reads 128 contiguous bytes per step. Each word's 8 codes are dequantized in registers
+(``q * scale + min`` in fp32, as :func:`pipo.ops.quant.dequantize`) and multiplied with every
+activation row; the ``MAX_BATCH`` fp32 partial sums stay in registers (the batch loop has a constant
+trip count and is unrolled). Lanes then combine through shared memory (the simulator has no warp
+shuffles): one ``syncthreads`` and lane ``b`` sums batch row ``b``.
+
+Activations are fp16, fp32, or bf16 passed as int16 bits; the output has the activations' dtype.
+
+llm.c-style: :func:`reference` (float64), :func:`validate`, :func:`bench`; ``python -m`` runs both.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from numba import cuda, float32
+from numba.core import types
+
+from pipo.ops.kernels import checks, dequant_int4
+from pipo.ops.kernels.cuda_adapter import (LOAD_STORE, array_type, as_array, current_stream, jit_kernel,
+                                           kernel_device)
+from pipo.ops.quant import CODES_PER_WORD, QuantTensor
+
+MAX_BATCH = 8  # activation rows one launch handles; the register budget grows with it
+WARPS_PER_BLOCK = 4  # output rows per block
+LANES = 32
+
+
+def _make_kernel(load, store):
+    """The GEMV kernel reading activations through ``load`` and writing outputs through ``store``."""
+
+    def gemv(qweight, scales, mins, x, y, in_features, words_per_group):
+        lane = cuda.threadIdx.x
+        warp = cuda.threadIdx.y
+        n = cuda.blockIdx.x * WARPS_PER_BLOCK + warp
+        batch = x.shape[0]
+        acc = cuda.local.array(MAX_BATCH, float32)
+        for b in range(MAX_BATCH):
+            acc[b] = float32(0.0)
+        if n < y.shape[1]:
+            full_words = in_features // 8
+            for w in range(lane, (in_features + 7) // 8, LANES):
+                word = qweight[n, w]
+                g = w // words_per_group
+                s = float32(scales[n, g])
+                m = float32(mins[n, g])
+                k0 = w * 8
+                for i in range(8):
+                    if w < full_words or k0 + i < in_features:
+                        wv = float32((word >> (4 * i)) & 15) * s + m
+                        for b in range(MAX_BATCH):
+                            if b < batch:
+                                acc[b] += wv * load(x[b, k0 + i])
+        partial = cuda.shared.array((WARPS_PER_BLOCK, MAX_BATCH, LANES), float32)
+        for b in range(MAX_BATCH):
+            partial[warp, b, lane] = acc[b]
+        cuda.syncthreads()
+        if n < y.shape[1] and lane < batch:
+            total = float32(0.0)
+            for j in range(LANES):
+                total += partial[warp, lane, j]
+            y[lane, n] = store(total)
+
+    return gemv
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    """The kernel for activation / output ``dtype``, compiled once for its one signature."""
+    load, store = LOAD_STORE[dtype]
+    half, act = array_type(torch.float16), array_type(dtype)
+    sig = types.void(array_type(torch.int32), half, half, act, act, types.int32, types.int32)
+    return jit_kernel(_make_kernel(load, store), [sig])
+
+
+@functools.cache
+def _launcher(dtype: torch.dtype, out_features: int, stream):
+    """The configured launch for one output width on one stream."""
+    grid = -(-out_features // WARPS_PER_BLOCK)
+    return _kernel(dtype)[grid, (LANES, WARPS_PER_BLOCK), stream]
+
+
+def gemv_int4(x2: torch.Tensor, q: QuantTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 [B, in] @ W^T -> [B, out]`` in ``x2.dtype`` (fp16, bf16 or fp32), ``1 <= B <= MAX_BATCH``."""
+    batch, in_f = x2.shape
+    if not 1 <= batch <= MAX_BATCH or in_f != q.shape[1]:
+        raise ValueError(f"gemv_int4: x {tuple(x2.shape)} does not fit weight {q.shape} / batch <= {MAX_BATCH}")
+    x2 = x2.contiguous()
+    if out is None:
+        out = torch.empty(batch, q.shape[0], dtype=x2.dtype, device=x2.device)
+    launch = _launcher(x2.dtype, q.shape[0], current_stream())
+    launch(as_array(q.qweight), as_array(q.scales), as_array(q.mins), as_array(x2), as_array(out), in_f,
+           q.group_size // CODES_PER_WORD)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# llm.c-style reference, check and benchmark
+
+
+def reference(x2: torch.Tensor, q: QuantTensor) -> torch.Tensor:
+    """float64 ``x2 @ W^T`` on the CPU, from the float64 dequantized weights."""
+    return x2.detach().cpu().double() @ dequant_int4.reference(q).T
+
+
+def validate(out_features: int, in_features: int, batch: int, group_size: int = 64,
+             dtype: torch.dtype = torch.float16, seed: int = 0) -> float:
+    """Run the kernel once into a NaN-poisoned output; return its relative error vs :func:`reference`.
+
+    Raises ``AssertionError`` past :func:`checks.tolerance` (a NaN left anywhere counts as infinite).
+    """
+    device = kernel_device()
+    q = checks.random_quant(out_features, in_features, group_size, device, seed)
+    x2 = checks.random_activations(batch, in_features, dtype, device, seed + 1)
+    out = torch.full((batch, out_features), float("nan"), dtype=dtype, device=device)
+    gemv_int4(x2, q, out)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    err = checks.relative_error(out, reference(x2, q))
+    assert err <= checks.tolerance(dtype), f"gemv_int4 {q.shape} b{batch} g{group_size} {dtype}: rel err {err:.2e}"
+    return err
+
+
+def bench(out_features: int = 4096, in_features: int = 4096, batch: int = 1, group_size: int = 64,
+          repeats: int = 20) -> dict:
+    """Time the fp16 GEMV; print and return seconds and GB/s of packed weight bytes read."""
+    q = checks.random_quant(out_features, in_features, group_size, torch.device("cuda"))
+    x2 = checks.random_activations(batch, in_features, torch.float16, torch.device("cuda"))
+    out = torch.empty(batch, out_features, dtype=torch.float16, device="cuda")
+    elapsed_s = checks.time_cuda_s(lambda: gemv_int4(x2, q, out), repeats)
+    gbps = q.nbytes / elapsed_s / 1e9
+    print(f"gemv_int4 {out_features}x{in_features} b{batch} g{group_size}: {elapsed_s * 1e6:.1f} us, "
+          f"{gbps:.0f} GB/s of packed weights")
+    return {"elapsed_s": elapsed_s, "gbps": gbps, "weight_nbytes": q.nbytes}
+
+
+if __name__ == "__main__":
+    print("max rel err", validate(40, 200, 3, 32, torch.float16), validate(24, 130, 1, 64, torch.bfloat16))
+    if torch.cuda.is_available():
+        bench()
