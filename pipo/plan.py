@@ -117,19 +117,31 @@ def fixed_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], tier: str, *, b
 
 
 def _place(blocks, block_nbytes, budget, n_slots, offload_tier):
-    """Largest-first residency; returns (tiers, slot_nbytes, resident_nbytes) or Nones."""
-    if sum(block_nbytes[b] for b in blocks) <= budget:
-        return {b: RESIDENT for b in blocks}, 0, sum(block_nbytes[b] for b in blocks)
-    by_size = sorted(blocks, key=lambda b: (-block_nbytes[b], blocks.index(b)))
-    for n_resident in range(len(by_size) - 1, -1, -1):
-        resident = set(by_size[:n_resident]) if n_resident else set()
-        streamed = [b for b in blocks if b not in resident]
-        slot = max(block_nbytes[b] for b in streamed)
-        used = sum(block_nbytes[b] for b in resident) + n_slots * slot
-        if used <= budget:
+    """Fewest streamed bytes under ``budget``: returns (tiers, slot_nbytes, resident_nbytes).
+
+    For each candidate slot size, blocks larger than a slot must be resident; the rest of the
+    budget takes the largest remaining blocks that still fit. The best candidate wins.
+    """
+    total = sum(block_nbytes[b] for b in blocks)
+    if total <= budget:
+        return {b: RESIDENT for b in blocks}, 0, total
+    best = None
+    for slot in sorted({block_nbytes[b] for b in blocks}, reverse=True):
+        resident = {b for b in blocks if block_nbytes[b] > slot}
+        left = budget - n_slots * slot - sum(block_nbytes[b] for b in resident)
+        if left < 0:
+            continue
+        for b in sorted(set(blocks) - resident, key=lambda b: -block_nbytes[b]):
+            if block_nbytes[b] <= left:
+                resident.add(b)
+                left -= block_nbytes[b]
+        if len(resident) == len(blocks):
+            continue  # everything resident leaves no slot to size: covered by the check above
+        kept = sum(block_nbytes[b] for b in resident)
+        if best is None or kept > best[2]:
             tiers = {b: RESIDENT if b in resident else offload_tier for b in blocks}
-            return tiers, slot, used - n_slots * slot
-    return None, 0, 0
+            best = (tiers, slot, kept)
+    return best if best is not None else (None, 0, 0)
 
 
 def _check_shape_args(batch, micro_batch, max_len, n_weight_slots, n_kv_slots) -> None:

@@ -70,6 +70,7 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "")
         )
 
     def required(key: str) -> Any:
+        """A scalar ``{arch}.{key}`` that must be present."""
         value = meta.get(f"{arch}.{key}")
         if value is None or isinstance(value, list):
             raise ModelFormatError(f"GGUF metadata lacks a scalar {arch}.{key}.")
@@ -78,7 +79,7 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "")
     hidden, n_heads = int(required("embedding_length")), int(required("attention.head_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // n_heads)
     _check_rope(meta, arch, head_dim, tensor_names)
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eos_ids = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot")]
     return ModelSpec(
         family="llama",
         vocab_size=int(meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())),
@@ -94,7 +95,7 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "")
         tie_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_ids=() if eos is None else (int(eos),),
+        eos_ids=tuple(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
         pad_id=meta.get("tokenizer.ggml.padding_token_id"),
         name=name or str(meta.get("general.name") or ""),
     )

@@ -13,6 +13,7 @@ Both spellings transformers has written are accepted: ``rope_theta`` + ``rope_sc
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +50,32 @@ def spec_from_hf_config(config: dict[str, Any], name: str = "") -> ModelSpec:
 
 
 def load_spec(path: str | Path) -> ModelSpec:
-    """Read ``config.json`` from a model directory (or the file itself) and return its spec."""
+    """Read ``config.json`` from a model directory (or the file itself) and return its spec.
+
+    EOS ids listed in a ``generation_config.json`` beside it are added to ``eos_ids``: instruct
+    models (Llama-3) stop on end-of-turn tokens that only the generation config names.
+    """
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
+    spec = spec_from_hf_config(_read_json(file), name=path.name if path.is_dir() else path.parent.name)
+    generation_file = file.parent / "generation_config.json"
+    if generation_file.is_file():
+        extra = _token_ids(_read_json(generation_file))["eos_ids"]
+        spec = replace(spec, eos_ids=tuple(dict.fromkeys(spec.eos_ids + extra)))
+    return spec
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file``, or ModelFormatError naming the file."""
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelFormatError(f"no such file or directory: {file}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelFormatError(f"{file} is not a readable JSON config: {err}") from None
-    if not isinstance(config, dict):
+    if not isinstance(data, dict):
         raise ModelFormatError(f"{file} does not hold a JSON object.")
-    return spec_from_hf_config(config, name=path.name if path.is_dir() else path.parent.name)
+    return data
 
 
 def _required(config: dict[str, Any], key: str) -> Any:

@@ -171,10 +171,11 @@ def _compile_template(source: str) -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
+        """Let a template reject its input (HF templates call this)."""
         raise TemplateError(message)
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
-        # jinja's own tojson escapes HTML characters; templates expect plain JSON.
+        """Plain JSON: jinja's own ``tojson`` escapes HTML characters, which templates do not expect."""
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, **kw)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])

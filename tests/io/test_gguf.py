@@ -161,8 +161,10 @@ def default_source():
 @pytest.mark.slow
 def test_default_model_equals_transformers(default_source):
     spec = default_source.spec
-    assert (spec.n_layers, spec.hidden, spec.ffn, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (30, 576, 1536, 9, 3, 64)
-    assert (spec.vocab_size, spec.rope_theta, spec.tie_embeddings, spec.bos_id, spec.eos_ids) == (49152, 1e5, True, 1, (2,))
+    sizes = (spec.n_layers, spec.hidden, spec.ffn, spec.n_heads, spec.n_kv_heads, spec.head_dim)
+    assert sizes == (30, 576, 1536, 9, 3, 64)
+    rest = (spec.vocab_size, spec.rope_theta, spec.tie_embeddings, spec.bos_id, spec.eos_ids, spec.max_positions)
+    assert rest == (49152, 1e5, True, 1, (2,), 8192)
     expected = expected_blocks(hf_gguf_model(default_source.path))
     for block in ("embed", "L0.attn", "L0.mlp", "L17.attn", "L29.mlp", "head"):
         got = default_source.read_block(block)

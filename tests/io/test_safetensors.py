@@ -58,27 +58,31 @@ def _norm(module):
     return out
 
 
+def _attn(norm, q, k, v, o):
+    """Canonical attention block from its modules."""
+    return {**_norm(norm), **_linear("q", q), **_linear("k", k), **_linear("v", v), **_linear("o", o)}
+
+
 def expected_blocks(model) -> dict[str, dict[str, torch.Tensor]]:
     """Canonical blocks read straight off the HF modules."""
     if isinstance(model, OPTForCausalLM):
         dec = model.model.decoder
         blocks = {"embed": {"tok": dec.embed_tokens.weight, "pos": dec.embed_positions.weight}}
-        blocks["head"] = {**_norm(dec.final_layer_norm), "w_out": model.lm_head.weight}
         for i, layer in enumerate(dec.layers):
             att = layer.self_attn
-            blocks[f"L{i}.attn"] = {**_norm(layer.self_attn_layer_norm), **_linear("q", att.q_proj),
-                                    **_linear("k", att.k_proj), **_linear("v", att.v_proj), **_linear("o", att.out_proj)}  # fmt: skip
-            blocks[f"L{i}.mlp"] = {**_norm(layer.final_layer_norm), **_linear("_up", layer.fc1),
-                                   **_linear("_down", layer.fc2)}  # fmt: skip
+            blocks[f"L{i}.attn"] = _attn(layer.self_attn_layer_norm, att.q_proj, att.k_proj, att.v_proj, att.out_proj)
+            mlp = {**_linear("_up", layer.fc1), **_linear("_down", layer.fc2)}
+            blocks[f"L{i}.mlp"] = {**_norm(layer.final_layer_norm), **mlp}
+        blocks["head"] = {**_norm(dec.final_layer_norm), "w_out": model.lm_head.weight}
         return blocks
     base = model.model
-    blocks = {"embed": {"tok": base.embed_tokens.weight}, "head": {**_norm(base.norm), "w_out": model.lm_head.weight}}
+    blocks = {"embed": {"tok": base.embed_tokens.weight}}
     for i, layer in enumerate(base.layers):
         att, mlp = layer.self_attn, layer.mlp
-        blocks[f"L{i}.attn"] = {**_norm(layer.input_layernorm), **_linear("q", att.q_proj), **_linear("k", att.k_proj),
-                                **_linear("v", att.v_proj), **_linear("o", att.o_proj)}  # fmt: skip
-        blocks[f"L{i}.mlp"] = {**_norm(layer.post_attention_layernorm), **_linear("_gate", mlp.gate_proj),
-                               **_linear("_up", mlp.up_proj), **_linear("_down", mlp.down_proj)}  # fmt: skip
+        blocks[f"L{i}.attn"] = _attn(layer.input_layernorm, att.q_proj, att.k_proj, att.v_proj, att.o_proj)
+        gated = {**_linear("_gate", mlp.gate_proj), **_linear("_up", mlp.up_proj), **_linear("_down", mlp.down_proj)}
+        blocks[f"L{i}.mlp"] = {**_norm(layer.post_attention_layernorm), **gated}
+    blocks["head"] = {**_norm(base.norm), "w_out": model.lm_head.weight}
     return blocks
 
 
@@ -93,7 +97,7 @@ def save_model(kind, directory, **save_kwargs):
 def assert_source_matches(source, model):
     """Every block equals the HF modules' parameters, exactly, with matching names and nbytes."""
     expected = expected_blocks(model)
-    assert sorted(source.spec.block_names()) == sorted(expected)
+    assert source.spec.block_names() == list(expected)
     for block, tensors in expected.items():
         got = source.read_block(block)
         assert set(got) == set(tensors), block

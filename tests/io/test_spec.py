@@ -111,7 +111,9 @@ def test_missing_required_key():
 def test_load_spec_from_directory(tmp_path):
     LlamaConfig(**SIZES).save_pretrained(tmp_path)
     spec = load_spec(tmp_path)
-    assert spec.family == "llama" and spec.name == tmp_path.name
+    assert spec.family == "llama" and spec.name == tmp_path.name and spec.eos_ids == (2,)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [9, 2, 8]}')
+    assert load_spec(tmp_path).eos_ids == (2, 9, 8)
     with pytest.raises(ModelFormatError, match="no such file or directory"):
         load_spec(tmp_path / "absent")
     (tmp_path / "config.json").write_text("{not json")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from pipo.ops.quant import QuantTensor, pack_int4
@@ -60,11 +58,22 @@ def time_cuda_s(fn, repeats: int = 20, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_host_s(fn, repeats: int = 3) -> float:
-    """Median wall seconds per call of ``fn`` (for the simulator, where there are no CUDA events)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def ptxas_resources(kernel_module, dtype: torch.dtype, cc: tuple[int, int] = (9, 0)) -> dict:
+    """Registers and spill bytes per thread of a kernel module's kernel for ``dtype`` on ``cc``.
+
+    Compiles to PTX with ``cuda.compile_ptx`` and assembles it with nvJitLink (``cuda.core``); needs no
+    GPU, only the CUDA toolkit wheels (``pip install "numba-cuda[cu13]"``). Raises when they are missing.
+    """
+    import re
+
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+    from numba import cuda
+
+    ptx, _ = cuda.compile_ptx(kernel_module.kernel_function(dtype), kernel_module.signature(dtype), cc=cc)
+    linker = Linker(ObjectCode.from_ptx(ptx.encode()), options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}",
+                                                                                verbose=True))
+    linker.link("cubin")
+    log = linker.get_info_log()
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_store_nbytes": int(spills.group(1)), "spill_load_nbytes": int(spills.group(2))}

@@ -48,13 +48,21 @@ def _make_kernel(store):
     return dequant
 
 
+def kernel_function(dtype: torch.dtype):
+    """The Python kernel function for output ``dtype`` (fp16, bf16 or fp32)."""
+    return _make_kernel(LOAD_STORE[dtype][1])
+
+
+def signature(dtype: torch.dtype):
+    """The kernel's one numba signature for ``dtype``: (qweight, scales, mins, out, in, words/group)."""
+    half = array_type(torch.float16)
+    return types.void(array_type(torch.int32), half, half, array_type(dtype), types.int32, types.int32)
+
+
 @functools.cache
 def _kernel(dtype: torch.dtype):
-    """The kernel for output ``dtype``, compiled once for its one signature."""
-    _, store = LOAD_STORE[dtype]
-    half = array_type(torch.float16)
-    sig = types.void(array_type(torch.int32), half, half, array_type(dtype), types.int32, types.int32)
-    return jit_kernel(_make_kernel(store), [sig])
+    """The kernel for ``dtype``, compiled on first use for its one signature."""
+    return jit_kernel(kernel_function(dtype), [signature(dtype)])
 
 
 @functools.cache

@@ -70,13 +70,21 @@ def _make_kernel(load, store):
     return gemv
 
 
+def kernel_function(dtype: torch.dtype):
+    """The Python kernel function for activation / output ``dtype`` (fp16, bf16 or fp32)."""
+    return _make_kernel(*LOAD_STORE[dtype])
+
+
+def signature(dtype: torch.dtype):
+    """The kernel's one numba signature for ``dtype``: (qweight, scales, mins, x, y, in, words/group)."""
+    half, act = array_type(torch.float16), array_type(dtype)
+    return types.void(array_type(torch.int32), half, half, act, act, types.int32, types.int32)
+
+
 @functools.cache
 def _kernel(dtype: torch.dtype):
-    """The kernel for activation / output ``dtype``, compiled once for its one signature."""
-    load, store = LOAD_STORE[dtype]
-    half, act = array_type(torch.float16), array_type(dtype)
-    sig = types.void(array_type(torch.int32), half, half, act, act, types.int32, types.int32)
-    return jit_kernel(_make_kernel(load, store), [sig])
+    """The kernel for ``dtype``, compiled on first use for its one signature."""
+    return jit_kernel(kernel_function(dtype), [signature(dtype)])
 
 
 @functools.cache
