@@ -65,7 +65,7 @@ def regenerate(out_dir: Path = GOLDEN_DIR, pictures: bool = True) -> list[Path]:
             written.append(atomic_write(path, dumps_graph(graph)))
             if pictures and phase == DECODE:
                 png = golden_path(schedule, phase, ".png", out_dir)
-                title = f"{schedule} schedule, decode step (2 layers, 2 micro-batches, all streamed)"
+                title = f"{schedule} schedule, decode step (2 layers, 2 micro-batches, streamed)"
                 written.append(graph_png(graph, png, title=title))
     return written
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from pipo.errors import ModelFormatError
-from pipo.io.spec import ModelSpec, block_part, compile_name_rules, match_name_rules
+from pipo.io.spec import ModelSpec, compile_name_rules, match_name_rules
 from pipo.io.tokenizer import Tokenizer, tokenizer_from_gguf
-from pipo.ops.traits import block_tensor_names
+from pipo.ops.traits import complete_layout
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
@@ -141,13 +141,7 @@ class GGUFFile:
                     f"supported types: {', '.join(SUPPORTED_TYPES)}."
                 )
             layout[target[0]][target[1]] = tensor
-        if self.spec.tie_embeddings and "tok" in layout["embed"]:
-            layout["head"]["w_out"] = layout["embed"]["tok"]
-        for block, found in layout.items():
-            missing = sorted(set(block_tensor_names(self.spec, block_part(block))) - found.keys())
-            if missing:
-                raise ModelFormatError(f"{self.path}: block {block} lacks tensor(s) {', '.join(missing)}.")
-        return layout
+        return complete_layout(self.spec, layout, self.path)
 
     def _kept_quant(self, tensor: Any, keep_quant: bool) -> bool:
         """Whether ``tensor`` is returned as a QuantTensor rather than dequantized."""

@@ -21,9 +21,9 @@ from safetensors import SafetensorError, safe_open
 
 from pipo.errors import ModelFormatError
 from pipo.io.hf_config import load_spec
-from pipo.io.spec import ModelSpec, block_part, compile_name_rules, match_name_rules
+from pipo.io.spec import ModelSpec, compile_name_rules, match_name_rules
 from pipo.io.tokenizer import Tokenizer, tokenizer_from_hf_dir
-from pipo.ops.traits import block_tensor_names
+from pipo.ops.traits import complete_layout
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -163,13 +163,7 @@ class SafetensorsDir:
                 target = canonical_name(self.spec.family, hf_name)
                 if target is not None and target[0] in layout:
                     layout[target[0]][target[1]] = StoredTensor(file, hf_name, dtype, shape)
-        if self.spec.tie_embeddings and "tok" in layout["embed"]:
-            layout["head"]["w_out"] = layout["embed"]["tok"]
-        for block, tensors in layout.items():
-            missing = sorted(set(block_tensor_names(self.spec, block_part(block))) - tensors.keys())
-            if missing:
-                raise ModelFormatError(f"{self.path}: block {block} lacks tensor(s) {', '.join(missing)}.")
-        return layout
+        return complete_layout(self.spec, layout, self.path)
 
     def stored(self, block: str) -> dict[str, StoredTensor]:
         """Where each tensor of ``block`` is stored (no data read)."""

@@ -31,8 +31,7 @@ from pipo.errors import ModelFormatError
 if TYPE_CHECKING:
     from pipo.io.spec import ModelSpec
 
-# llama.cpp's pre-tokenizer splits by ``tokenizer.ggml.pre``; each runs before the byte-level
-# mapping. ``None`` means GPT-2's own regex (inside ByteLevel), also used for names not listed here.
+# llama.cpp's pre-tokenizer splits by ``tokenizer.ggml.pre``; each runs before the byte-level mapping.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -41,12 +40,13 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_DIGITS_THEN_GPT2 = r"\p{N}"  # each digit alone, then GPT-2's regex (StarCoder-style vocabularies)
-PRE_TOKENIZER_SPLITS: dict[str, str | None] = {
-    "default": None, "gpt2": None, "gpt-2": None,
-    "smollm": _DIGITS_THEN_GPT2, "starcoder": _DIGITS_THEN_GPT2, "refact": _DIGITS_THEN_GPT2,
-    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
+_DIGIT = r"\p{N}"  # each digit alone (StarCoder-style vocabularies), then GPT-2's regex
+# name -> (regex split run first, or None; whether GPT-2's own regex runs after it)
+PRE_TOKENIZER_SPLITS: dict[str, tuple[str | None, bool]] = {
+    "default": (None, True), "gpt2": (None, True), "gpt-2": (None, True),
+    "smollm": (_DIGIT, True), "starcoder": (_DIGIT, True), "refact": (_DIGIT, True),
+    "llama3": (_LLAMA3_SPLIT, False), "llama-v3": (_LLAMA3_SPLIT, False), "llama-bpe": (_LLAMA3_SPLIT, False),
+    "qwen2": (_QWEN2_SPLIT, False),
 }  # fmt: skip
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token_type values
 _EXTRA_EOS_KEY = "pipo_eos_token_ids"  # tokenizer_config.json key: every EOS id, not just eos_token
@@ -200,20 +200,15 @@ def _byte_spelling() -> dict[int, str]:
 
 
 def byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
-    """The pre-tokenizer llama.cpp uses for ``tokenizer.ggml.pre == pre`` on a byte-level vocab."""
-    split = PRE_TOKENIZER_SPLITS.get(pre or "default")
+    """The pre-tokenizer llama.cpp uses for ``tokenizer.ggml.pre == pre`` on a byte-level vocab.
+
+    Names missing from :data:`PRE_TOKENIZER_SPLITS` get GPT-2's regex, as transformers does.
+    """
+    split, gpt2_regex = PRE_TOKENIZER_SPLITS.get(pre or "default", PRE_TOKENIZER_SPLITS["default"])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_regex)
     if split is None:
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if split is _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+        return byte_level
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
 
 
 def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:

@@ -27,6 +27,8 @@ def int4_matmul(x: torch.Tensor, q: QuantTensor, bias: torch.Tensor | None = Non
         return int4_linear(x, q, bias)
     if x.dtype not in CUDA_DTYPES:
         raise TypeError(f"int4_matmul: activations must be fp16, bf16 or fp32 on CUDA, got {x.dtype}")
+    if q.device != x.device:
+        raise ValueError(f"int4_matmul: weight on {q.device}, activations on {x.device}")
     from pipo.ops.kernels import dequant_int4, gemv_int4
 
     out_f, in_f = q.shape

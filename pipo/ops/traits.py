@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from pipo.errors import ModelFormatError
-from pipo.io.spec import SUPPORTED_FAMILIES, ModelSpec
+from pipo.io.spec import SUPPORTED_FAMILIES, ModelSpec, block_part
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +94,18 @@ def block_tensor_names(spec: ModelSpec, part: str) -> tuple[str, ...]:
     if part == "head":
         return norm + ("w_out",)
     raise ValueError(f"unknown block part {part!r}")
+
+
+def complete_layout(spec: ModelSpec, layout: dict[str, dict], where) -> dict[str, dict]:
+    """Tie the head to the embedding when the spec says so, then require every block's tensors.
+
+    ``layout`` maps block -> {canonical name: anything}; raises ModelFormatError naming ``where``
+    and the first block that lacks a tensor.
+    """
+    if spec.tie_embeddings and "tok" in layout["embed"]:
+        layout["head"]["w_out"] = layout["embed"]["tok"]
+    for block, found in layout.items():
+        missing = sorted(set(block_tensor_names(spec, block_part(block))) - found.keys())
+        if missing:
+            raise ModelFormatError(f"{where}: block {block} lacks tensor(s) {', '.join(missing)}.")
+    return layout

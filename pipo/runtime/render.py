@@ -1,8 +1,8 @@
 """Pictures and files of step graphs: DOT text, PNG/SVG drawings and JSON.
 
 :func:`render` is the entry point (``pipo graph`` calls it): it picks the format from a file suffix
-(``.dot``, ``.json``, ``.png``, ``.svg``) or takes a bare format name and returns the content instead
-of writing it. Nodes are labelled with their task and coloured by lane, so a reader sees which
+(``.dot``, ``.json``, ``.png``, ``.svg``) or takes a bare format name and returns the content
+instead of writing it. Nodes are labelled with their task and coloured by lane, so a reader sees which
 activities may overlap.
 
 - DOT is written directly (no pydot); draw it with Graphviz: ``dot -Tsvg step.dot -o step.svg``.
@@ -51,7 +51,7 @@ def ordered_lanes(lanes) -> list[str]:
 
 
 def task_label(name: str, sep: str = "\n") -> str:
-    """Kind and keys of a task name on two parts, no ``-``: ``Compute(L0.attn,1,-,0)`` -> ``Compute``,
+    """Kind, ``sep``, then the keys without ``-``: ``Compute(L0.attn,1,-,0)`` -> ``Compute``,
     newline, ``L0.attn,1,0``."""
     kind, _, rest = name.partition("(")
     keys = [k for k in rest.rstrip(")").split(",") if k not in ("", "-")]
@@ -78,7 +78,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def to_dot(graph: nx.DiGraph, title: str = "step") -> str:
-    """DOT text of ``graph``: one box per task (label: kind and keys, colour: lane), plus a legend."""
+    """DOT text of ``graph``: a box per task (label: kind and keys, colour: lane), and a legend."""
     lanes = ordered_lanes(graph.nodes[n]["task"].lane for n in graph)
     lines = [f"digraph {_quote(title)} {{", "  rankdir=LR;",
              '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];']

@@ -1,12 +1,12 @@
 """What a traced run did, as numbers, a Chrome trace and a timeline picture.
 
 Input: :class:`~pipo.runtime.scheduler.RunStats` from ``Runtime(trace=True).run(...)``, whose
-``records`` hold one :class:`~pipo.runtime.scheduler.TaskRecord` (name, lane, start_s, end_s; seconds
-since the run started) per task. Several steps (the engine keeps one RunStats per step) can be laid
+``records`` hold one :class:`~pipo.runtime.scheduler.TaskRecord` per task (name, lane, start_s,
+end_s: seconds since the run started). Several steps (the engine keeps one RunStats per step) can be laid
 end to end with :func:`concat_runs` first.
 
-- :func:`chrome_trace` / :func:`write_chrome_trace`: Trace Event JSON, one named track per lane; open
-  it in ``chrome://tracing`` or https://ui.perfetto.dev.
+- :func:`chrome_trace` / :func:`write_chrome_trace`: Trace Event JSON, one named track per lane;
+  open it in ``chrome://tracing`` or https://ui.perfetto.dev.
 - :func:`lane_busy_fraction`: the share of the wall time a lane had work in flight (the union of its
   task intervals, so overlapping records are not counted twice).
 - :func:`timeline_png`: one row per lane, one bar per task coloured by task kind.

@@ -9,7 +9,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from pipo.errors import ModelFormatError, PipoError
 from pipo.io.source import open_model
-from pipo.io.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
+from pipo.io.tokenizer import Tokenizer, byte_level_pre_tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
 TEXTS = [
     "Hello world", "The capital of France is", "  leading spaces", "trailing   ", "a\n\nb\r\n c\t\td",
@@ -161,3 +161,19 @@ def test_broken_tokenizer_json_is_reported(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(ModelFormatError, match="tokenizer.json cannot be loaded"):
         tokenizer_from_hf_dir(tmp_path)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_regex_pre_tokenizers_match_transformers_table(pre):
+    from tokenizers import Regex
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    theirs = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    ours = byte_level_pre_tokenizer(pre)
+    for text in TEXTS + DIGIT_AFTER_SPACES:
+        assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text), text

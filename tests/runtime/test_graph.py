@@ -1,4 +1,4 @@
-"""Graph tier: task records, the builder's dataflow edges, check_graph's invariants, JSON round trip.
+"""Graph tier: task records, the builder's dataflow edges, check_graph's invariants, JSON files.
 
 No torch here (``tests/graphs/test_schedules.py`` proves these modules never import it).
 """
@@ -106,7 +106,8 @@ def test_check_catches_unordered_writers():
         task = LoadWeight(name, 0)
         g.add_node(task.name, task=task, reads=(), writes=(("w", 0, name),), order=i)
     message = _problems(g)
-    assert "LoadWeight(A,0) and LoadWeight(B,0) use ('w', 0) for A and B without an order" in message
+    assert ("LoadWeight(A,0) and LoadWeight(B,0) use ('w', 0) for A and B without an order"
+            in message)
 
 
 def test_check_reports_every_problem_at_once():

@@ -1,4 +1,4 @@
-"""The executor registry: one lookup from task kind to executor that fails loudly on unknown kinds."""
+"""The executor registry: one lookup from task kind to executor, loud on unknown kinds."""
 
 from __future__ import annotations
 

@@ -48,14 +48,16 @@ def _load_weight(task: LoadWeight, ctx: ToyContext) -> None:
 def _check_compute(task: Compute, ctx: ToyContext, when: str) -> None:
     where = f"{task.name} at {when}"
     if task.slot is not None:
-        assert ctx.w.get(task.slot) == task.block, f"{where}: weight slot holds {ctx.w.get(task.slot)}"
+        held = ctx.w.get(task.slot)
+        assert held == task.block, f"{where}: weight slot holds {held}"
     index = ctx.blocks.index(task.block)
     if index > 0:
         got = ctx.act.get(task.micro)
         assert got == ctx.blocks[index - 1], f"{where}: activation comes from {got}"
     if task.kv_slot is not None and ctx.phase == "decode":
         want = (block_layer(task.block), task.micro)
-        assert ctx.kv.get(task.kv_slot) == want, f"{where}: KV slot holds {ctx.kv.get(task.kv_slot)}"
+        held = ctx.kv.get(task.kv_slot)
+        assert held == want, f"{where}: KV slot holds {held}"
 
 
 def _compute(task: Compute, ctx: ToyContext) -> None:

@@ -30,7 +30,10 @@ def array_type(dtype: torch.dtype, ndim: int = 2) -> types.Array:
 
 
 def as_array(t: torch.Tensor):
-    """A zero-copy kernel argument for ``t`` (a CUDA device array, or a numpy view under the simulator)."""
+    """A zero-copy kernel argument for the contiguous ``t`` (a CUDA device array; a numpy view under
+    the simulator). Kernels are compiled for C-contiguous arrays only, so anything else is refused."""
+    if not t.is_contiguous():
+        raise ValueError(f"kernel arguments must be contiguous, got strides {t.stride()} for {tuple(t.shape)}")
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     if SIMULATOR:

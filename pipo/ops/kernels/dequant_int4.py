@@ -32,6 +32,7 @@ def _make_kernel(store):
     """The dequantize kernel writing through the device function ``store`` (fp32 -> output dtype)."""
 
     def dequant(qweight, scales, mins, out, in_features, words_per_group):
+        """out[n, 8w:8w+8] = q * scale + min for word w of row n (one thread per word)."""
         n = cuda.blockIdx.x
         w = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
         if n >= out.shape[0] or w * 8 >= in_features:

@@ -36,6 +36,7 @@ def _make_kernel(load, store):
     """The GEMV kernel reading activations through ``load`` and writing outputs through ``store``."""
 
     def gemv(qweight, scales, mins, x, y, in_features, words_per_group):
+        """y[b, n] = sum_k x[b, k] * (q[n, k] * scale + min): one warp per row n (see module doc)."""
         lane = cuda.threadIdx.x
         warp = cuda.threadIdx.y
         n = cuda.blockIdx.x * WARPS_PER_BLOCK + warp

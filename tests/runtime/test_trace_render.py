@@ -1,0 +1,149 @@
+"""Tracing (Chrome trace, busy fractions, timeline, summary) and rendering of step graphs."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import networkx as nx
+import pytest
+
+from graphs.golden.regen import golden_graph, traced_fake_run
+from pipo.runtime import GraphBuilder, RunStats, Task, TaskRecord, graph_from_json
+from pipo.runtime.graph import dumps_graph
+from pipo.runtime.render import (LANE_COLORS, atomic_write, generation_columns, graph_png, render,
+                                 to_dot)
+from pipo.runtime.trace import (chrome_trace, concat_runs, lane_busy_fraction, summary,
+                                timeline_png, union_s, write_chrome_trace)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _stats() -> RunStats:
+    """A hand-made traced run: compute has overlapping records (as enqueue times on a GPU can)."""
+    records = [TaskRecord("LoadWeight(L0.attn,0)", "load_weight", 0.0, 1.0),
+               TaskRecord("Compute(L0.attn,0,0,-)", "compute", 1.0, 3.0),
+               TaskRecord("Compute(L0.attn,1,0,-)", "compute", 2.0, 4.0),
+               TaskRecord("Compute(L0.mlp,0,1,-)", "compute", 6.0, 7.0),
+               TaskRecord("Checksum(L0.attn)", "verify", 1.0, 1.5)]
+    return RunStats(wall_s=10.0, busy_s={"compute": 5.0, "load_weight": 1.0, "verify": 0.5},
+                    records=records)
+
+
+def test_busy_fraction_is_the_union_of_intervals_over_wall_time():
+    stats = _stats()
+    assert lane_busy_fraction(stats, "compute") == pytest.approx(0.4)  # [1,4] + [6,7]
+    assert lane_busy_fraction(stats, "load_weight") == pytest.approx(0.1)
+    assert lane_busy_fraction(stats, "save_kv") == 0.0
+    assert lane_busy_fraction(RunStats(), "compute") == 0.0
+    assert union_s([(5, 6), (0, 2), (1, 1.5), (1.5, 3)]) == pytest.approx(4.0)
+
+
+def test_untraced_stats_are_refused_with_a_hint():
+    with pytest.raises(ValueError, match=r"Runtime\(trace=True\)"):
+        lane_busy_fraction(RunStats(wall_s=1.0, busy_s={"compute": 0.5}), "compute")
+
+
+def test_chrome_trace_has_one_named_track_per_lane():
+    stats = _stats()
+    doc = json.loads(json.dumps(chrome_trace(stats)))
+    names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert list(names.values()) == ["compute", "load_weight", "verify"]  # built-in lanes first
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == len(stats.records)
+    first = next(e for e in spans if e["name"] == "Compute(L0.attn,1,0,-)")
+    assert names[first["tid"]] == "compute" and first["cat"] == "Compute"
+    assert (first["ts"], first["dur"]) == pytest.approx((2e6, 2e6))  # microseconds
+
+
+def test_write_chrome_trace_is_atomic_and_overwrites(tmp_path):
+    path = tmp_path / "step.trace.json"
+    path.write_text("old")
+    assert write_chrome_trace(_stats(), path) == path
+    assert json.loads(path.read_text()) == json.loads(json.dumps(chrome_trace(_stats())))
+    assert [p.name for p in tmp_path.iterdir()] == ["step.trace.json"]  # no temp file left
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "keep.txt"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        atomic_write(path, 123)
+    assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_concat_runs_lays_steps_end_to_end():
+    both = concat_runs([_stats(), _stats()])
+    assert both.wall_s == 20.0 and len(both.records) == 10
+    assert both.records[5].start_s == 10.0 and both.busy_s["compute"] == 10.0
+    assert lane_busy_fraction(both, "compute") == pytest.approx(0.4)
+
+
+def test_summary_lists_lanes_with_tasks_and_busy_time():
+    table = summary(_stats()).splitlines()
+    assert table[0].split() == ["lane", "tasks", "busy", "s", "busy", "%"]
+    assert table[1].split() == ["compute", "3", "4.0000", "40.0%"]
+    assert table[-1].split() == ["wall", "10.0000"]
+    untraced = summary(RunStats(wall_s=2.0, busy_s={"compute": 1.0}))
+    assert untraced.splitlines()[1].split() == ["compute", "?", "1.0000", "50.0%"]
+
+
+def test_a_real_traced_run_gives_a_timeline_and_overlap(tmp_path):
+    stats = traced_fake_run("pipo", task_s=0.002)
+    assert len(stats.records) == len(golden_graph("pipo", "decode"))
+    assert 0 < lane_busy_fraction(stats, "compute") <= 1
+    path = timeline_png(stats, tmp_path / "timeline.png", title="pipo")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_dot_has_every_task_and_edge_coloured_by_lane():
+    graph = golden_graph("pipo", "decode")
+    dot = to_dot(graph)
+    assert dot.startswith('digraph "step" {') and dot.rstrip().endswith("}")
+    assert ('"LoadWeight(L0.attn,1)" [label="LoadWeight\\nL0.attn,1", '
+            f'fillcolor="{LANE_COLORS["load_weight"]}", tooltip="lane load_weight"];') in dot
+    nodes = re.findall(r'^  "([^"]+)" \[label=', dot, flags=re.M)
+    edges = re.findall(r'^  "([^"]+)" -> "([^"]+)";$', dot, flags=re.M)
+    assert sorted(nodes) == sorted(graph) and sorted(edges) == sorted(graph.edges)
+    assert '"legend:save_kv"' in dot
+
+
+@dataclass(frozen=True, slots=True)
+class Quoted(Task):
+    """A task whose key needs escaping in DOT."""
+
+    text: str
+
+
+def test_dot_escapes_quotes_and_backslashes():
+    b = GraphBuilder()
+    b.add(Quoted('say "hi" \\ bye', lane="odd lane"))
+    dot = to_dot(b.graph)
+    assert r'"Quoted(say \"hi\" \\ bye)"' in dot and '"legend:odd lane"' in dot
+
+
+def test_columns_are_topological_generations():
+    graph = golden_graph("flexgen", "decode")
+    columns = generation_columns(graph)
+    assert [set(c) for c in columns] == [set(g) for g in nx.topological_generations(graph)]
+
+
+def test_render_picks_the_format_from_the_suffix(tmp_path):
+    graph = golden_graph("sequential", "prefill")
+    for suffix in (".dot", ".json", ".png", ".svg"):
+        assert render(graph, tmp_path / f"g{suffix}") == tmp_path / f"g{suffix}"
+    assert (tmp_path / "g.dot").read_text() == to_dot(graph) == render(graph, "dot")
+    assert (tmp_path / "g.json").read_text() == dumps_graph(graph) == render(graph, "json")
+    assert graph_from_json(json.loads((tmp_path / "g.json").read_text())).edges == graph.edges
+    assert (tmp_path / "g.png").read_bytes()[:8] == PNG_MAGIC
+    assert b"<svg" in (tmp_path / "g.svg").read_bytes()[:500]
+    with pytest.raises(ValueError, match=r"\.dot, \.json, \.png, \.svg"):
+        render(graph, tmp_path / "g.gif")
+
+
+def test_graph_png_is_reproducible(tmp_path):
+    graph = golden_graph("pipo", "prefill")
+    first = graph_png(graph, tmp_path / "a.png").read_bytes()
+    assert first[:8] == PNG_MAGIC and render(graph, "png") == first
