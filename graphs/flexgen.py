@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import networkx as nx
 
-from graphs.common import StepEmitter, attn_layer
+from graphs.common import DECODE, StepEmitter, attn_layer
+from pipo.errors import PlanError
 from pipo.io.spec import ModelSpec
-from pipo.plan import Plan
+from pipo.plan import RESIDENT, Plan
 
 
 def build(spec: ModelSpec, plan: Plan, phase: str) -> nx.DiGraph:
     """The barrier-per-step graph of ``phase``."""
+    _check_slots(plan, phase)
     em = StepEmitter(spec, plan, phase)
     barrier: list[str] = []
     loaded_kv: set[tuple[int, int]] = set()
@@ -42,6 +44,21 @@ def build(spec: ModelSpec, plan: Plan, phase: str) -> nx.DiGraph:
     if pending_save is not None:
         step(em.save_kv(*pending_save, after=barrier))
     return em.graph
+
+
+def _check_slots(plan: Plan, phase: str) -> None:
+    """Each step keeps two weight slots busy (block j computes while j+1 loads) and, with an
+    offloaded cache, three KV slots in decode (save m-1, compute m, load m+1), two in prefill."""
+    tiers = [tier for _, tier in plan.placement]
+    adjacent = any(a != RESIDENT and b != RESIDENT for a, b in zip(tiers, tiers[1:]))
+    if adjacent and plan.n_weight_slots < 2:
+        raise PlanError("the flexgen schedule needs at least 2 weight slots (it loads the next "
+                        "block while this one computes); use --weight-slots 2")
+    kv_slots = min(3 if phase == DECODE else 2, plan.n_micro)
+    if plan.kv_offloaded and plan.n_kv_slots < kv_slots:
+        raise PlanError(f"the flexgen schedule needs at least {kv_slots} KV slots with "
+                        f"{plan.n_micro} micro-batches and an offloaded cache; "
+                        f"use --kv-slots {kv_slots}")
 
 
 def _collect(barrier: list[str]):

@@ -58,15 +58,17 @@ class Engine:
         """The plan for a batch of ``batch`` sequences of up to ``max_len`` tokens."""
         o = self.options
         sizes = estimate_block_nbytes(self.spec, self.dtype.itemsize, o.int4_group())
+        # flexgen keeps three KV slots busy per step (save m-1, compute m, load m+1)
+        n_kv_slots = max(o.n_kv_slots, 3) if o.schedule == "flexgen" else o.n_kv_slots
         if o.placement != "auto":
             return fixed_plan(self.spec, sizes, o.placement, batch=batch, max_len=max_len,
                               micro_batch=o.micro_batch, kv_offload=o.kv_offload,
-                              n_weight_slots=o.n_weight_slots, n_kv_slots=o.n_kv_slots,
+                              n_weight_slots=o.n_weight_slots, n_kv_slots=n_kv_slots,
                               kv_dtype_nbytes=self.dtype.itemsize, schedule=o.schedule)
         return make_plan(self.spec, sizes, batch=batch, max_len=max_len, micro_batch=o.micro_batch,
                          device_memory=o.device_memory, offload_tier=o.offload_tier(self.source),
                          kv_offload=o.kv_offload, n_weight_slots=o.n_weight_slots,
-                         n_kv_slots=o.n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
+                         n_kv_slots=n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
                          schedule=o.schedule)
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,

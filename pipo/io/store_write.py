@@ -153,22 +153,13 @@ def _pack(arrays: list[_Array]) -> tuple[tuple[TensorEntry, ...], torch.Tensor]:
 
 
 def _save_tokenizer(tokenizer: Any, store_path: Path) -> None:
-    """Save a :class:`~pipo.io.tokenizer.Tokenizer` as HF ``tokenizer.json`` + ``tokenizer_config.json``.
-
-    The config carries what :func:`~pipo.io.tokenizer.tokenizer_from_hf_dir` reads back: BOS/EOS
-    tokens, whether to prepend BOS, and the chat template. Further EOS ids come back from the spec.
-    """
+    """Save the source's tokenizer (if any) in HF layout beside the store, fsynced."""
     if tokenizer is None:
         return
-    tokenizer.backend.save(str(store_path / _TOKENIZER_FILES[0]))
-    eos_id = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
-    config = {
-        "add_bos_token": bool(tokenizer.add_bos),
-        "bos_token": None if tokenizer.bos_id is None else tokenizer.backend.id_to_token(tokenizer.bos_id),
-        "eos_token": None if eos_id is None else tokenizer.backend.id_to_token(eos_id),
-        "chat_template": tokenizer.chat_template,
-    }
-    _write_json(store_path / _TOKENIZER_FILES[1], config)
+    tokenizer.save(store_path)
+    for name in _TOKENIZER_FILES:
+        with open(store_path / name, "rb") as file:
+            os.fsync(file.fileno())
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -101,7 +101,8 @@ def _node_problems(graph: nx.DiGraph, executors) -> list[str]:
         if task.name != name:
             problems.append(f"node {name} holds task named {task.name}")
         if executors is not None and executors.find(type(task)) is None:
-            problems.append(f"no executor registered for task kind {task.kind} ({name})")
+            problems.append(f"no executor registered for task kind {task.kind} ({name}); "
+                            f"register one with @executor({task.kind})")
     return problems
 
 

@@ -72,6 +72,8 @@ class ThreadLane(Lane):
             try:
                 result = work()
                 if inspect.isawaitable(result):
+                    if inspect.iscoroutine(result):
+                        result.close()  # never awaited: close it, or Python warns at exit
                     raise TypeError(f"lane {self.name} runs only synchronous executors")
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
                 loop.call_soon_threadsafe(_settle, future, exc, None)

@@ -149,13 +149,16 @@ def generation_columns(graph: nx.DiGraph) -> list[list[str]]:
 
 
 def figure_bytes(fig, fmt: str) -> bytes:
-    """``fig`` saved as ``fmt`` ("png" or "svg"), without timestamps so reruns give equal bytes."""
+    """``fig`` saved as ``fmt`` ("png" or "svg"), reproducibly: no timestamp or version stamp, and
+    fixed SVG ids, so that regenerated pictures show in a diff only when they changed."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     metadata = {"Software": None} if fmt == "png" else {"Date": None}
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, metadata=metadata, bbox_inches="tight")
+    with matplotlib.rc_context({"svg.hashsalt": "pipo"}):
+        fig.savefig(buf, format=fmt, metadata=metadata, bbox_inches="tight")
     return buf.getvalue()
 
 
@@ -168,11 +171,12 @@ def render(graph: nx.DiGraph, path_or_format: str | os.PathLike,
            title: str | None = None) -> Path | str | bytes:
     """Render ``graph`` by the suffix of a path (write it, return the path) or by a format name.
 
-    ``render(g, "step.png")`` writes a file; ``render(g, "dot")`` returns DOT text (``"json"``:
-    text, ``"png"``/``"svg"``: bytes). Supported: ``.dot``, ``.json``, ``.png``, ``.svg``.
+    ``render(g, "step.png")`` writes a file; ``render(g, "dot")`` (a bare ``str`` format name)
+    returns DOT text (``"json"``: text, ``"png"``/``"svg"``: bytes). Supported: ``.dot``, ``.json``,
+    ``.png``, ``.svg``; anything else raises ``ValueError``.
     """
     target = os.fspath(path_or_format)
-    is_name = target.lower() in FORMATS
+    is_name = isinstance(path_or_format, str) and target.lower() in FORMATS
     fmt = target.lower() if is_name else Path(target).suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise ValueError(f"cannot render a graph as {target!r}: use a path ending in "

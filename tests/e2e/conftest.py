@@ -15,6 +15,8 @@ FAMILY_CONFIGS = {
 }
 PROMPTS = [[3, 17, 42, 8, 99, 5, 61], [7, 12, 88]]
 NEW_TOKENS = 32
+SMOL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
+SMOL_NEW_TOKENS = 24
 
 
 def make_config(family: str):
@@ -66,3 +68,22 @@ def tiny_models(tmp_path_factory):
         model = build_model(family, path)
         models[family] = (path, hf_greedy(model, PROMPTS, NEW_TOKENS))
     return models
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' greedy completions of SMOL_PROMPTS on the default GGUF (dequantized)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipo.io.default_model import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+    texts = []
+    for prompt in SMOL_PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=SMOL_NEW_TOKENS, do_sample=False)
+        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts

@@ -143,7 +143,10 @@ def test_render_picks_the_format_from_the_suffix(tmp_path):
         render(graph, tmp_path / "g.gif")
 
 
-def test_graph_png_is_reproducible(tmp_path):
+def test_pictures_are_reproducible(tmp_path):
     graph = golden_graph("pipo", "prefill")
     first = graph_png(graph, tmp_path / "a.png").read_bytes()
     assert first[:8] == PNG_MAGIC and render(graph, "png") == first
+    assert render(graph, "svg") == render(graph, "svg")
+    with pytest.raises(ValueError):  # a Path is always a file name, never a format name
+        render(graph, tmp_path / "dot")

@@ -1,0 +1,151 @@
+"""pipo against transformers on the CPU, on the default real model (``pipo bench --device cpu``).
+
+Both run SmolLM2-135M-Instruct with the *same* weights: pipo reads the GGUF and dequantizes it to
+fp32, transformers loads the same file with ``gguf_file=`` (also dequantized, fp32). Same prompts
+(pipo's tokenizer; left padding and the mask built once, used by both), greedy, exactly ``gen_len``
+new tokens per row (eos ignored: pipo through a spec without eos ids, transformers through
+``min_new_tokens``). Each side is warmed up once, then the two alternate ``repeats`` times and the
+median of each is reported, so a noisy machine hits both alike. Throughput is BENCH.md's total
+generation throughput (batch × gen_len / wall time of the generate call); prefill and decode are
+split at the first new token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from pipo.bench.baselines import hf_generate_timed
+
+PROMPTS = (
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "What is 17 times 23?",
+    "Explain in one sentence why the sky is blue.",
+    "List three fruits that are red:",
+    "Once upon a time, in a small village by the mountains,",
+    "def fibonacci(n):",
+    "Translate to French: Good morning, how are you?",
+)
+
+
+class _NoEos:
+    """A weight source seen through a spec without eos ids, so generation never stops early."""
+
+    def __init__(self, source):
+        self._source = source
+        self.dropped_eos_ids = source.spec.eos_ids
+        self.spec = dataclasses.replace(source.spec, eos_ids=())
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+
+def open_pipo(schedule: str = "pipo", trace: bool = False):
+    """The pipo engine on the default model (CPU, fp32, everything resident)."""
+    from pipo.engine import Engine, EngineOptions
+    from pipo.io.source import open_model
+
+    return Engine(_NoEos(open_model(None)), EngineOptions(device="cpu", schedule=schedule,
+                                                          trace=trace))
+
+
+def open_transformers(gguf_path):
+    """transformers' LlamaForCausalLM from the same GGUF, dequantized to fp32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                dtype=torch.float32).eval()
+
+
+def encode(engine, batch: int) -> list[list[int]]:
+    """Token ids of the first ``batch`` prompts (cycled when ``batch`` exceeds them)."""
+    return [engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of ``prompts`` left-padded to the longest."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p)
+        mask[row, longest - len(p):] = 1
+    return ids, mask
+
+
+def time_pipo(engine, prompts: list[list[int]], gen_len: int) -> dict[str, Any]:
+    """One timed pipo generation: tokens, wall, prefill and decode seconds."""
+    t0 = time.perf_counter()
+    gen = engine.generate_ids(prompts, gen_len)
+    wall_s = time.perf_counter() - t0
+    return {"tokens": gen.tokens, "wall_s": wall_s, "prefill_s": gen.prefill_s,
+            "decode_s": gen.decode_s}
+
+
+def time_hf(model, prompts: list[list[int]], gen_len: int, eos_id: int,
+            pad_id: int) -> dict[str, Any]:
+    """One timed transformers generation, same fields as :func:`time_pipo`."""
+    ids, mask = left_padded(prompts, pad_id)
+    t0 = time.perf_counter()
+    new, prefill_s, decode_s = hf_generate_timed(model, ids, mask, gen_len, eos_token_id=eos_id,
+                                                 pad_token_id=pad_id)
+    wall_s = time.perf_counter() - t0
+    return {"tokens": new.tolist(), "wall_s": wall_s, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def _summary(runs: list[dict], batch: int, gen_len: int) -> dict[str, Any]:
+    wall_s = statistics.median(r["wall_s"] for r in runs)
+    return {"tok_s": batch * gen_len / wall_s, "wall_s": wall_s,
+            "wall_s_all": [round(r["wall_s"], 4) for r in runs],
+            "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+            "decode_s": statistics.median(r["decode_s"] for r in runs)}
+
+
+def compare_batch(engine, model, batch: int, gen_len: int, repeats: int) -> dict[str, Any]:
+    """pipo and transformers alternated ``repeats`` times on one batch size; medians and ratio."""
+    prompts = encode(engine, batch)
+    eos_id = engine.source.dropped_eos_ids[0]
+    pad_id = engine.spec.pad_id if engine.spec.pad_id is not None else eos_id
+    time_pipo(engine, prompts, 4)  # warm-up: compiles the step graphs, places weights
+    time_hf(model, prompts, 4, eos_id, pad_id)
+    pipo_runs, hf_runs = [], []
+    for _ in range(repeats):
+        pipo_runs.append(time_pipo(engine, prompts, gen_len))
+        hf_runs.append(time_hf(model, prompts, gen_len, eos_id, pad_id))
+    same = sum(p == h for p, h in zip(pipo_runs[0]["tokens"], hf_runs[0]["tokens"]))
+    pipo, hf = _summary(pipo_runs, batch, gen_len), _summary(hf_runs, batch, gen_len)
+    return {"batch": batch, "gen_len": gen_len, "repeats": repeats, "pipo": pipo,
+            "transformers": hf, "ratio": pipo["tok_s"] / hf["tok_s"],
+            "rows_with_equal_tokens": f"{same}/{batch}",
+            "tokens_per_row": [len(t) for t in pipo_runs[0]["tokens"]]}
+
+
+def run_smollm(batches=(1, 8), gen_len: int = 64, repeats: int = 3,
+               schedule: str = "pipo") -> dict[str, Any]:
+    """The whole CPU comparison: one entry per batch size."""
+    from pipo.io.default_model import default_model_path
+
+    engine = open_pipo(schedule)
+    try:
+        model = open_transformers(default_model_path())
+        rows = [compare_batch(engine, model, b, gen_len, repeats) for b in batches]
+    finally:
+        engine.close()
+    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)",
+            "schedule": schedule, "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison as a Markdown table."""
+    lines = ["| batch | new tokens | pipo tok/s | transformers tok/s | pipo / transformers "
+             "| equal rows |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | {r['gen_len']} | {r['pipo']['tok_s']:.1f} | "
+                     f"{r['transformers']['tok_s']:.1f} | {r['ratio']:.2f}x | "
+                     f"{r['rows_with_equal_tokens']} |")
+    return "\n".join(lines)
