@@ -18,7 +18,7 @@ from pipo.plan import DISK, RESIDENT, Plan
 from pipo.runtime.graph import GraphBuilder
 from pipo.runtime.tasks import DISK as DISK_LANE
 from pipo.runtime.tasks import LOAD_WEIGHT
-from pipo.runtime.tasks import Compute, LoadKV, LoadWeight, SaveKV
+from pipo.runtime.tasks import Compute, LoadKV, LoadWeight, ReadBlock, SaveKV
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -48,13 +48,24 @@ class StepEmitter:
         return self.builder.graph
 
     def load_weight(self, block: str, after: Iterable[str] = ()) -> str | None:
-        """LoadWeight for a streamed block (``None`` for a resident one)."""
+        """LoadWeight for a streamed block (``None`` for a resident one).
+
+        A staged disk block gets a ReadBlock into staging buffer ``slot`` first; staging buffers
+        pair with weight slots, so the slot count bounds the disk look-ahead too.
+        """
         if self.plan.where(block) == RESIDENT:
             return None
         slot = self.weight_slot[block]
-        lane = DISK_LANE if self.plan.where(block) == DISK else LOAD_WEIGHT
-        task = LoadWeight(block, slot, lane=lane)
-        return self.builder.add(task, writes=[("w", slot, block)], after=after)
+        if self.plan.where(block) != DISK:
+            return self.builder.add(LoadWeight(block, slot), writes=[("w", slot, block)],
+                                    after=after)
+        if not self.plan.staged_disk:
+            return self.builder.add(LoadWeight(block, slot, lane=DISK_LANE),
+                                    writes=[("w", slot, block)], after=after)
+        read = self.builder.add(ReadBlock(block, slot), writes=[("stage", slot, block)],
+                                after=after)
+        return self.builder.add(LoadWeight(block, slot), reads=[("stage", slot, block)],
+                                writes=[("w", slot, block)], after=[read])
 
     def compute(self, block: str, micro: int, after: Iterable[str] = ()) -> str:
         """Compute of ``block`` for micro-batch ``micro``."""

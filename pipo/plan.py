@@ -22,7 +22,11 @@ ACTIVATION_RESERVE_FRACTION = 0.10
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """All settings of one run. ``placement`` pairs each block with its tier, in block order."""
+    """All settings of one run. ``placement`` pairs each block with its tier, in block order.
+
+    ``staged_disk``: disk blocks are read into host staging buffers (pinned on CUDA) by ReadBlock
+    tasks and then copied into weight slots; otherwise they are read straight into the slots.
+    """
 
     placement: tuple[tuple[str, str], ...]
     batch: int
@@ -35,6 +39,7 @@ class Plan:
     slot_nbytes: int = 0
     kv_nbytes: int = 0
     resident_nbytes: int = 0
+    staged_disk: bool = False
 
     @property
     def n_micro(self) -> int:

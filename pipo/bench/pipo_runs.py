@@ -40,12 +40,13 @@ def make_source(workload: Workload, seed: int = 0, store_dir: str | None = None)
     return open_model(convert(source, path, weights="keep", overwrite=True))
 
 
-def make_engine(workload: Workload, source, device: str, schedule: str, trace: bool):
-    """An Engine for ``workload`` on ``device`` (fp16 compute on CUDA, the default on CPU)."""
+def make_engine(workload: Workload, source, device: str, schedule: str, trace: bool,
+                dtype: str | None = None):
+    """An Engine for ``workload`` on ``device`` (``dtype`` default: fp16 on CUDA, fp32 on CPU)."""
     from pipo.engine import Engine, EngineOptions
 
     options = EngineOptions(
-        device=device, dtype="float16" if device == "cuda" else None,
+        device=device, dtype=dtype or ("float16" if device == "cuda" else None),
         weights="int4" if workload.weights == "int4" else "auto", group_size=INT4_GROUP,
         device_memory=workload.gpu_memory if workload.placement == "auto" else None,
         placement=workload.placement, kv_offload=workload.kv_offload, schedule=schedule,
@@ -65,7 +66,7 @@ def run_schedules(workload: Workload, device: str, schedules: list[str], *,
                   seed: int = 0) -> list[dict[str, Any]]:
     """One result row per schedule (a row with ``error`` when that schedule failed)."""
     source = make_source(workload, seed)
-    engine = make_engine(workload, source, device, schedules[0], trace=trace_dir is not None)
+    engine = make_engine(workload, source, device, schedules[0], trace=True)
     rows = []
     try:
         for schedule in schedules:
@@ -114,6 +115,7 @@ def _run_one(engine, workload: Workload, schedule: str, trace_dir: str | None,
     row.update(wall_s=wall_s, nvml_util_pct=nvml_pct)
     lanes = {lane.name: lane for lane in timed}
     row.update(_gpu_lane_metrics(lanes, gen.decode_s, row["h2d_nbytes_per_step"] * (gen.steps - 1)))
+    row["compute_busy_frac"] = row["gpu_busy_frac"] if lanes else _host_compute_busy(gen)
     if trace_dir is not None and gen.step_stats:
         row["trace"] = _write_trace(engine, gen, lanes, trace_dir, f"{workload.id}_{schedule}")
     enable_timing(timed, on=False)
@@ -121,7 +123,21 @@ def _run_one(engine, workload: Workload, schedule: str, trace_dir: str | None,
 
 
 def _device_index(device: torch.device) -> int:
-    return device.index or 0 if device.type == "cuda" else 0
+    if device.type != "cuda" or device.index is None:
+        return 0
+    return device.index
+
+
+def _host_compute_busy(gen) -> float | None:
+    """Compute lane's busy share of the decode steps from host task records (CPU lanes)."""
+    from pipo.runtime.trace import union_s
+
+    steps = gen.step_stats[1:]
+    if not steps or gen.decode_s <= 0:
+        return None
+    busy_s = sum(union_s((r.start_s, r.end_s) for r in s.records if r.lane == COMPUTE)
+                 for s in steps)
+    return busy_s / gen.decode_s
 
 
 def _metrics_row(engine, workload: Workload, schedule: str, gen, link_gbps: float) -> dict:

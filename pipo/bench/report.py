@@ -21,7 +21,7 @@ ROW_FIELDS = ("system", "schedule", "prefill_tok_s", "decode_tok_s", "total_tok_
 _COLUMNS = (  # (header, row key, format)
     ("system", "system", "{}"), ("schedule", "schedule", "{}"),
     ("prefill tok/s", "prefill_tok_s", "{:.1f}"), ("decode tok/s", "decode_tok_s", "{:.2f}"),
-    ("total tok/s", "total_tok_s", "{:.2f}"), ("GPU busy %", "gpu_busy_frac", "{:.0%}"),
+    ("total tok/s", "total_tok_s", "{:.2f}"), ("busy %", "compute_busy_frac", "{:.0%}"),
     ("NVML %", "nvml_util_pct", "{:.0f}"), ("H2D GB/s", "achieved_h2d_gbps", "{:.1f}"),
     ("link limit s", "link_limit_s_per_step", "{:.3f}"), ("step s", "step_s", "{:.3f}"),
     ("efficiency", "pipeline_efficiency", "{:.2f}"), ("peak GiB", "peak_gpu_gib", "{:.2f}"),

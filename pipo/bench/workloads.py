@@ -25,11 +25,12 @@ def _opt(name: str, hidden: int, n_layers: int, n_heads: int, ffn: int) -> Model
 
 
 def _llama(name: str, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn: int,
-           vocab_size: int) -> ModelSpec:
+           vocab_size: int, max_positions: int = 8192,
+           rope_scaling: RopeScaling | None = None) -> ModelSpec:
     return ModelSpec(family="llama", vocab_size=vocab_size, hidden=hidden, n_layers=n_layers,
                      n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=hidden // n_heads, ffn=ffn,
-                     max_positions=8192, rope_theta=500000.0, norm_eps=1e-5, bos_id=1, eos_ids=(),
-                     pad_id=0, name=name, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192))
+                     max_positions=max_positions, rope_theta=500000.0, norm_eps=1e-5, bos_id=1,
+                     eos_ids=(), pad_id=0, name=name, rope_scaling=rope_scaling)
 
 
 # Shapes: random weights of these architectures. eos_ids is empty so every run makes every token.
@@ -37,7 +38,8 @@ SHAPES: dict[str, ModelSpec] = {
     "opt-1.3b": _opt("opt-1.3b", 2048, 24, 32, 8192),
     "opt-6.7b": _opt("opt-6.7b", 4096, 32, 32, 16384),
     "opt-13b": _opt("opt-13b", 5120, 40, 40, 20480),
-    "llama-3.1-8b": _llama("llama-3.1-8b", 4096, 32, 32, 8, 14336, 128256),
+    "llama-3.1-8b": _llama("llama-3.1-8b", 4096, 32, 32, 8, 14336, 128256, 131072,
+                           RopeScaling(8.0, 1.0, 4.0, 8192)),
     # Small shapes for tests and CPU smoke runs.
     "tiny-opt": replace(_opt("tiny-opt", 64, 2, 4, 128), vocab_size=512, max_positions=256),
     "tiny-llama": _llama("tiny-llama", 64, 2, 4, 2, 128, 512),

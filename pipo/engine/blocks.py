@@ -95,3 +95,25 @@ def pack(tensors: dict, device: str | torch.device = "cpu", pin: bool = False
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
     pack_into(tensors, layout, buffer)
     return buffer, layout
+
+
+def rebase(tensors: dict, source: torch.Tensor, target: torch.Tensor) -> dict:
+    """The same tensors as views into ``target``, at the offsets they had inside ``source``.
+
+    For blocks copied whole from one flat buffer to another (disk staging -> device slot).
+    """
+    base = source.data_ptr()
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        offset = t.data_ptr() - base
+        nbytes = t.numel() * t.element_size()
+        return target[offset:offset + nbytes].view(t.dtype).view(t.shape)
+
+    out = {}
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = moved(value)
+        else:
+            parts = {k: moved(v) for k, v in value.to_parts().items()}
+            out[name] = type(value).from_parts(parts, value.shape, value.group_size)
+    return out

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -18,12 +18,12 @@ from pipo.engine.context import StepContext
 from pipo.engine.kv import KVCache
 from pipo.engine.options import EngineOptions
 from pipo.engine.weights import PlacedWeights
-from pipo.errors import GenerationError
+from pipo.errors import GenerationError, PlanError
 from pipo.ops.layers import positions_from_mask
 from pipo.ops.rope import rope_tables
 from pipo.ops.sampling import SamplingParams, make_generator, sample
 from pipo.ops.traits import traits_for
-from pipo.plan import Plan, estimate_block_nbytes, fixed_plan, make_plan
+from pipo.plan import DISK, Plan, estimate_block_nbytes, fixed_plan, make_plan
 from pipo.runtime.scheduler import Program, RunStats, Runtime
 
 
@@ -57,19 +57,23 @@ class Engine:
     def plan_for(self, batch: int, max_len: int) -> Plan:
         """The plan for a batch of ``batch`` sequences of up to ``max_len`` tokens."""
         o = self.options
+        tier = o.offload_tier(self.source)
+        if o.placement == DISK and tier != DISK:
+            raise PlanError("--placement disk needs an offload store: convert the model first "
+                            "with `pipo convert MODEL STORE` and pass --model STORE")
         sizes = estimate_block_nbytes(self.spec, self.dtype.itemsize, o.int4_group())
         # flexgen keeps three KV slots busy per step (save m-1, compute m, load m+1)
         n_kv_slots = max(o.n_kv_slots, 3) if o.schedule == "flexgen" else o.n_kv_slots
+        common = dict(batch=batch, max_len=max_len, micro_batch=o.micro_batch,
+                      kv_offload=o.kv_offload, n_weight_slots=o.n_weight_slots,
+                      n_kv_slots=n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
+                      schedule=o.schedule)
         if o.placement != "auto":
-            return fixed_plan(self.spec, sizes, o.placement, batch=batch, max_len=max_len,
-                              micro_batch=o.micro_batch, kv_offload=o.kv_offload,
-                              n_weight_slots=o.n_weight_slots, n_kv_slots=n_kv_slots,
-                              kv_dtype_nbytes=self.dtype.itemsize, schedule=o.schedule)
-        return make_plan(self.spec, sizes, batch=batch, max_len=max_len, micro_batch=o.micro_batch,
-                         device_memory=o.device_memory, offload_tier=o.offload_tier(self.source),
-                         kv_offload=o.kv_offload, n_weight_slots=o.n_weight_slots,
-                         n_kv_slots=n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
-                         schedule=o.schedule)
+            plan = fixed_plan(self.spec, sizes, o.placement, **common)
+        else:
+            plan = make_plan(self.spec, sizes, device_memory=o.device_memory, offload_tier=tier,
+                             **common)
+        return replace(plan, staged_disk=o.stage_disk_reads())
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), *, keep_logits: bool = False,
@@ -128,7 +132,8 @@ class Engine:
 
     def _context(self, plan: Plan) -> StepContext:
         if self._weights is None or self._weights.plan.placement != plan.placement or \
-                self._weights.plan.n_weight_slots != plan.n_weight_slots:
+                self._weights.plan.n_weight_slots != plan.n_weight_slots or \
+                self._weights.plan.staged_disk != plan.staged_disk:
             self._weights = None  # release the old placement before building the new one
             self._weights = PlacedWeights(self.source, plan, device=self.device, dtype=self.dtype,
                                           int4_group=self.options.int4_group())
@@ -143,7 +148,7 @@ class Engine:
     def program(self, plan: Plan, phase: str) -> Program:
         """The compiled step graph of ``phase`` for ``plan`` (compiled once, then reused)."""
         key = (plan.placement, plan.n_micro, plan.micro_batch, plan.batch, plan.kv_offloaded,
-               plan.n_weight_slots, plan.n_kv_slots, plan.schedule, phase)
+               plan.n_weight_slots, plan.n_kv_slots, plan.schedule, plan.staged_disk, phase)
         if key not in self._programs:
             self._programs[key] = self.runtime.compile(build_step(self.spec, plan, phase))
         return self._programs[key]

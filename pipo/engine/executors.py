@@ -9,15 +9,22 @@ from pipo.engine.context import StepContext
 from pipo.io.spec import block_layer, block_part
 from pipo.ops import layers
 from pipo.runtime.registry import executor
-from pipo.runtime.tasks import Compute, LoadKV, LoadWeight, SaveKV
+from pipo.runtime.tasks import DISK, Compute, LoadKV, LoadWeight, ReadBlock, SaveKV
 
 
 @executor(LoadWeight)
 def load_weight(task: LoadWeight, ctx: StepContext):
-    """Host block -> weight slot; a disk block is read asynchronously (awaited on the disk lane)."""
-    if task.block in ctx.weights.host:
-        return ctx.weights.load(task.block, task.slot)
-    return ctx.weights.load_from_disk(task.block, task.slot)
+    """Host or staged block -> weight slot; an unstaged disk block is read straight into the slot
+    asynchronously (awaited on the disk lane)."""
+    if task.lane == DISK:
+        return ctx.weights.load_from_disk(task.block, task.slot)
+    return ctx.weights.load(task.block, task.slot)
+
+
+@executor(ReadBlock)
+def read_block(task: ReadBlock, ctx: StepContext):
+    """Disk block -> host staging buffer (awaited on the disk lane)."""
+    return ctx.weights.read_staged(task.block, task.staging)
 
 
 @executor(LoadKV)

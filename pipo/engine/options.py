@@ -22,7 +22,8 @@ class EngineOptions:
     ``"auto"`` computes on dense weights in ``dtype``. ``device_memory`` (bytes) caps resident
     weights + weight slots + device KV; ``None`` keeps everything resident. ``placement`` other
     than ``"auto"`` puts every block in one tier (``resident``, ``host``, ``disk``), like FlexGen's
-    fixed ``--percent``.
+    fixed ``--percent``. ``staged_disk`` reads disk blocks into host staging buffers before copying
+    them to a slot (default: on CUDA only; on CPU the disk lane reads straight into the slot).
     """
 
     device: str = "cpu"
@@ -36,6 +37,7 @@ class EngineOptions:
     micro_batch: int | None = None
     n_weight_slots: int = 2
     n_kv_slots: int = 2
+    staged_disk: bool | None = None
     trace: bool = False
 
     def __post_init__(self):
@@ -68,6 +70,12 @@ class EngineOptions:
         if self.dtype is not None:
             return DTYPES[self.dtype]
         return torch.float16 if self.torch_device().type == "cuda" else torch.float32
+
+    def stage_disk_reads(self) -> bool:
+        """Disk reads go through host staging buffers: always on CUDA (pinned), else if asked."""
+        if self.staged_disk is not None:
+            return self.staged_disk
+        return self.torch_device().type == "cuda"
 
     def int4_group(self) -> int | None:
         """Group size when weights are int4, else ``None``."""

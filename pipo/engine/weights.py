@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pipo.engine.blocks import BlockLayout, pack, views
+from pipo.engine.blocks import BlockLayout, pack, rebase, views
 from pipo.plan import DISK, RESIDENT, Plan
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -53,6 +53,10 @@ class PlacedWeights:
                                                          else 0)]
         self.slot_views: list[dict] = [{} for _ in self.slots]
         self.slot_holds: list[str | None] = [None] * len(self.slots)
+        n_staging = len(self.slots) if plan.staged_disk else 0
+        self.staging = [self._staging_buffer() for _ in range(n_staging)]
+        self.staging_views: list[dict] = [{} for _ in self.staging]
+        self.staging_holds: list[str | None] = [None] * n_staging
 
     def _streams(self) -> bool:
         return any(tier != RESIDENT for _, tier in self.plan.placement)
@@ -68,13 +72,23 @@ class PlacedWeights:
             buffer, layout = pack(tensors, pin=pin)
             self.host[block], self.layouts[block] = (buffer, layout), layout
 
+    def _has_disk(self) -> bool:
+        return any(tier == DISK for _, tier in self.plan.placement)
+
     def _slot_buffer(self) -> torch.Tensor:
         sizes = [layout.nbytes for layout in self.layouts.values()]
-        if any(tier == DISK for _, tier in self.plan.placement):
-            from pipo.io.aligned import aligned_empty
+        if self._has_disk():
+            sizes.append(self.source.max_block_nbytes)
+            if not self.plan.staged_disk:  # the disk lane reads straight into the slot
+                from pipo.io.aligned import aligned_empty
 
-            return aligned_empty(max(sizes + [self.source.max_block_nbytes]))
+                return aligned_empty(max(sizes))
         return torch.empty(max(sizes), dtype=torch.uint8, device=self.device)
+
+    def _staging_buffer(self) -> torch.Tensor:
+        from pipo.io.aligned import aligned_empty
+
+        return aligned_empty(self.source.max_block_nbytes, pin_memory=self.device.type == "cuda")
 
     def block(self, block: str, slot: int | None) -> dict:
         """The tensors Compute uses for ``block``: resident, or the views of ``slot``."""
@@ -86,11 +100,28 @@ class PlacedWeights:
         return self.slot_views[slot]
 
     def load(self, block: str, slot: int) -> None:
-        """Copy host block ``block`` into weight ``slot`` (one copy)."""
+        """Copy host (or staged disk) block ``block`` into weight ``slot`` (one copy)."""
+        if block not in self.host:
+            return self._load_staged(block, slot)
         buffer, layout = self.host[block]
         target = self.slots[slot][:layout.nbytes]
         target.copy_(buffer, non_blocking=True)
         self._fill(slot, block, views(target, layout))
+
+    async def read_staged(self, block: str, staging: int) -> None:
+        """Read ``block`` from the offload store into host staging buffer ``staging``."""
+        self.staging_holds[staging] = None
+        self.staging_views[staging] = await self.source.read_block_into(block, self.staging[staging])
+        self.staging_holds[staging] = block
+
+    def _load_staged(self, block: str, slot: int) -> None:
+        staging = self.staging_holds.index(block)  # ValueError here means a missing graph edge
+        source = self.staging[staging]
+        nbytes = self.source.block_nbytes(block)
+        target = self.slots[slot][:nbytes]
+        target.copy_(source[:nbytes], non_blocking=True)
+        tensors = rebase(self.staging_views[staging], source, target)
+        self._fill(slot, block, prepare_block(tensors, self.dtype, None))
 
     async def load_from_disk(self, block: str, slot: int) -> None:
         """Read ``block`` from the offload store straight into weight ``slot``."""

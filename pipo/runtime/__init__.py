@@ -8,10 +8,10 @@ from pipo.runtime.graph import GraphBuilder, GraphError, check_graph, graph_from
 from pipo.runtime.lanes import Lane, LoopLane, ThreadLane
 from pipo.runtime.registry import EXECUTORS, Executors, UnknownTaskKind, executor
 from pipo.runtime.scheduler import Program, RunStats, Runtime, TaskRecord
-from pipo.runtime.tasks import Compute, LoadKV, LoadWeight, SaveKV, Task
+from pipo.runtime.tasks import Compute, LoadKV, LoadWeight, ReadBlock, SaveKV, Task
 
 __all__ = [
     "Compute", "EXECUTORS", "Executors", "GraphBuilder", "GraphError", "Lane", "LoadKV",
-    "LoadWeight", "LoopLane", "Program", "RunStats", "Runtime", "SaveKV", "Task", "TaskRecord",
+    "LoadWeight", "LoopLane", "Program", "ReadBlock", "RunStats", "Runtime", "SaveKV", "Task", "TaskRecord",
     "ThreadLane", "UnknownTaskKind", "check_graph", "executor", "graph_from_json", "graph_to_json",
 ]

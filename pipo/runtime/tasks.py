@@ -4,7 +4,8 @@ A task holds keys (block name, micro-batch, slot) and the name of the lane it ru
 live in the run context that an executor receives; that is why a step graph can be built, checked,
 rendered and golden-tested without torch, and reused for every generated token.
 
-Four kinds ship with pipo (the paper's four concurrent activities). Register a new kind by writing a
+Four kinds ship with pipo (the paper's four concurrent activities), plus ReadBlock for the
+disk -> pinned staging hop. Register a new kind by writing a
 frozen dataclass that subclasses :class:`Task` and an executor for it (see ``pipo.runtime.registry``
 and ``docs/extending.md``).
 """
@@ -64,6 +65,19 @@ class LoadWeight(Task):
     block: str
     slot: int
     lane: str = field(default=LOAD_WEIGHT, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBlock(Task):
+    """Read one block from the offload store into host staging buffer ``staging`` (disk lane).
+
+    Used where disk reads must land in pinned memory before a LoadWeight copies them to the device;
+    the staging buffer is refilled only after that copy finished (a slot-reuse edge).
+    """
+
+    block: str
+    staging: int
+    lane: str = field(default=DISK, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

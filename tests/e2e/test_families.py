@@ -48,13 +48,23 @@ def test_budget_plan_streams_some_blocks(tiny_models):
     assert_matches(result, reference)
 
 
-@pytest.mark.parametrize("schedule", ["sequential", "pipo"])
-def test_weights_streamed_from_disk_store(tiny_models, tmp_path, schedule):
+@pytest.mark.parametrize("schedule,staged", [("sequential", False), ("pipo", False),
+                                             ("pipo", True), ("flexgen", True)])
+def test_weights_streamed_from_disk_store(tiny_models, tmp_path, schedule, staged):
     from pipo.io.source import open_model
     from pipo.io.store import convert
 
     path, reference = tiny_models["opt"]
     store = convert(open_model(path), tmp_path / "store", weights="fp32")
-    result = run_pipo(store, placement="disk", schedule=schedule, kv_offload=True)
+    result = run_pipo(store, placement="disk", schedule=schedule, kv_offload=True,
+                      staged_disk=staged)
     assert {tier for _, tier in result.plan.placement} == {"disk"}
     assert_matches(result, reference)
+
+
+def test_disk_placement_needs_a_store(tiny_models):
+    from pipo.errors import PlanError
+
+    path, _ = tiny_models["llama"]
+    with pytest.raises(PlanError, match="pipo convert"):
+        run_pipo(path, placement="disk")

@@ -52,3 +52,17 @@ def test_smollm2_shipped_int4_equals_transformers_gguf(smollm2_reference):
     with pipo.load(weights="int4") as engine:
         texts = engine.generate(SMOL_PROMPTS, SMOL_NEW_TOKENS)
     assert texts == smollm2_reference
+
+
+def test_int4_store_streamed_from_disk_equals_the_store_loaded_into_ram(tmp_path):
+    from pipo.io.store import convert
+
+    build_model("llama", tmp_path / "hf")
+    store = convert(open_model(tmp_path / "hf"), tmp_path / "store", weights="int4", group_size=64)
+    with pipo.load(store, placement="resident") as engine:
+        in_ram = engine.generate_ids(PROMPTS, 16, keep_logits=True)
+    for staged in (False, True):
+        with pipo.load(store, placement="disk", kv_offload=True, staged_disk=staged) as engine:
+            from_disk = engine.generate_ids(PROMPTS, 16, keep_logits=True)
+        assert from_disk.tokens == in_ram.tokens
+        assert all(torch.equal(a, b) for a, b in zip(from_disk.logits, in_ram.logits))
