@@ -41,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from pipo.cli_options import parse_size, positive_int
 
     p = sub.add_parser("bench", help="benchmark pipo's schedules against baselines (table + JSON)",
-                       description=__doc__.splitlines()[0])
+                       description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--workload", choices=WORKLOAD_NAMES, default="smollm",
                    help="BENCH.md workload, quick (OPT-1.3B) or smollm (CPU, real model)")
@@ -64,6 +64,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--trace-dir", type=Path, default=None,
                    help="write a Chrome trace + timeline PNG of one decode step per schedule")
     p.add_argument("--log", type=Path, default=None, help="append baseline output (FlexGen) here")
+    p.add_argument("--baseline-timeout", type=positive_int, default=600, metavar="SECONDS",
+                   help="stop a FlexGen run after this long")
     p.set_defaults(run=run)
     return p
 
@@ -78,15 +80,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise PipoError("--device cuda was asked for but no CUDA device is available")
+    document: dict[str, Any] = {"meta": environment(args.device), "rows": []}
+
+    def save() -> None:
+        if args.out:
+            write_json(document, args.out)
+
     if args.workload == "smollm":
-        document = _run_smollm(args)
+        document.update(_run_smollm(args))
     else:
-        document = _run_workload(args)
-    document["meta"] = environment(args.device)
+        _run_workload(args, document, save)
+    save()
     if args.out:
-        write_json(document, args.out)
         print(f"wrote {args.out}")
-    return 0 if not any(r.get("error") for r in document.get("rows", ())) else 1
+    return 0 if not any(r.get("error") for r in document["rows"]) else 1
 
 
 def _run_smollm(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,10 +109,12 @@ def _run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     result = cpu.run_smollm(batches, args.gen_len or 64, args.repeats, args.schedules[0])
     print(cpu.format_table(result))
     return {"workload": {"id": "smollm", **{k: v for k, v in result.items() if k != "rows"}},
-            "comparisons": result["rows"], "rows": []}
+            "comparisons": result["rows"]}
 
 
-def _run_workload(args: argparse.Namespace) -> dict[str, Any]:
+def _run_workload(args: argparse.Namespace, document: dict[str, Any], save) -> None:
+    """pipo's schedules, then the baselines, on a random-weight workload; rows land in
+    ``document["rows"]`` and ``save()`` runs after each, so a killed run keeps what it measured."""
     import dataclasses
 
     import torch
@@ -119,16 +128,22 @@ def _run_workload(args: argparse.Namespace) -> dict[str, Any]:
                        gpu_memory=args.gpu_memory)
     device = torch.device(args.device)
     link_gbps = metrics.copy_gbps(device, CPU_COPY_NBYTES if device.type == "cpu" else 1 << 30)
+    document.update(workload=dataclasses.asdict(workload), link_gbps=link_gbps)
     print(f"{workload.id}: {workload.shape}, prompt {workload.prompt_len}, gen {workload.gen_len}, "
           f"batch {workload.micro_batch}x{workload.n_micro}, {workload.note}; "
           f"copy bandwidth {link_gbps:.1f} GB/s", flush=True)
-    rows = pipo_runs.run_schedules(workload, args.device, args.schedules,
-                                   trace_dir=str(args.trace_dir) if args.trace_dir else None,
-                                   link_gbps=link_gbps, seed=args.seed)
+    rows = document["rows"]
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        save()
+
+    pipo_runs.run_schedules(workload, args.device, args.schedules,
+                            trace_dir=str(args.trace_dir) if args.trace_dir else None,
+                            link_gbps=link_gbps, seed=args.seed, on_row=add)
     for name in args.baselines or []:
-        rows.append(_baseline_row(name, workload, args))
+        add(_baseline_row(name, workload, args))
     print(format_rows(rows))
-    return {"workload": dataclasses.asdict(workload), "link_gbps": link_gbps, "rows": rows}
 
 
 def _baseline_row(name: str, workload, args: argparse.Namespace) -> dict[str, Any]:
@@ -144,7 +159,8 @@ def _baseline_row(name: str, workload, args: argparse.Namespace) -> dict[str, An
             if not baselines.flexgen_available():
                 raise RuntimeError("flexgen is not installed (pip install --no-deps "
                                    "flexgen==0.1.8 attrs)")
-            return baselines.run_flexgen(workload, str(args.log) if args.log else None)
+            return baselines.run_flexgen(workload, str(args.log) if args.log else None,
+                                         args.baseline_timeout)
         prompts = random_prompts(workload, workload.prompt_len, args.seed)
         if name == "accelerate":
             return baselines.run_accelerate(workload, prompts)

@@ -13,7 +13,7 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -62,9 +62,14 @@ def random_prompts(workload: Workload, length: int, seed: int = 0) -> list[list[
 
 
 def run_schedules(workload: Workload, device: str, schedules: list[str], *,
-                  trace_dir: str | None = None, link_gbps: float = 0.0,
-                  seed: int = 0) -> list[dict[str, Any]]:
-    """One result row per schedule (a row with ``error`` when that schedule failed)."""
+                  trace_dir: str | None = None, link_gbps: float = 0.0, seed: int = 0,
+                  on_row: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """One result row per schedule (a row with ``error`` when that schedule failed).
+
+    ``on_row`` sees each row as soon as it exists (the CLI saves its JSON after every row).
+    """
+    if not schedules:
+        return []
     source = make_source(workload, seed)
     engine = make_engine(workload, source, device, schedules[0], trace=True)
     rows = []
@@ -76,6 +81,8 @@ def run_schedules(workload: Workload, device: str, schedules: list[str], *,
             except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
                 rows.append(error_row("pipo", schedule, exc))
                 _free_cuda(engine.device)
+            if on_row is not None:
+                on_row(rows[-1])
     finally:
         engine.close()
     return rows

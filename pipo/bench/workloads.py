@@ -41,7 +41,7 @@ SHAPES: dict[str, ModelSpec] = {
     "llama-3.1-8b": _llama("llama-3.1-8b", 4096, 32, 32, 8, 14336, 128256, 131072,
                            RopeScaling(8.0, 1.0, 4.0, 8192)),
     # Small shapes for tests and CPU smoke runs.
-    "tiny-opt": replace(_opt("tiny-opt", 64, 2, 4, 128), vocab_size=512, max_positions=256),
+    "tiny-opt": replace(_opt("tiny-opt", 64, 2, 4, 128), vocab_size=512, max_positions=512),
     "tiny-llama": _llama("tiny-llama", 64, 2, 4, 2, 128, 512),
 }
 

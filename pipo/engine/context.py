@@ -13,6 +13,7 @@ import torch
 from pipo.engine.kv import KVCache
 from pipo.engine.weights import PlacedWeights
 from pipo.io.spec import ModelSpec
+from pipo.ops.layers import AttentionInputs, attention_inputs
 
 
 @dataclass
@@ -30,3 +31,12 @@ class StepContext:
     key_mask: list[torch.Tensor] = field(default_factory=list)   # per micro: [rows, max_len]
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # per micro: [rows, t, hidden]
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # per micro: [rows, vocab]
+    attn_inputs: dict[int, AttentionInputs] = field(default_factory=dict)  # per micro, this step
+
+    def attention_inputs(self, micro: int, dtype: torch.dtype) -> AttentionInputs:
+        """Mask and rope angles of micro-batch ``micro`` for this step, built on first use."""
+        if micro not in self.attn_inputs:
+            self.attn_inputs[micro] = attention_inputs(
+                self.key_mask[micro], self.start, self.t, self.positions[micro], self.spec,
+                self.rope, dtype)
+        return self.attn_inputs[micro]

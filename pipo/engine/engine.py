@@ -162,6 +162,7 @@ class Engine:
         ctx.ids = [ids[r].to(self.device) for r in rows]
         ctx.positions = [positions[r].to(self.device) for r in rows]
         ctx.key_mask = [mask[r].to(self.device) for r in rows]
+        ctx.attn_inputs = {}
         stats = self.runtime.run(self.program(plan, phase), ctx)
         if self.options.trace:
             result.step_stats.append(stats)

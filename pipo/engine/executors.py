@@ -49,8 +49,10 @@ def compute(task: Compute, ctx: StepContext) -> None:
     elif part == "attn":
         layer = block_layer(task.block)
         k, v = ctx.kv.for_compute(layer, m, task.kv_slot)
+        x = ctx.hidden[m]
         ctx.hidden[m] = layers.attention_block(
-            w, ctx.hidden[m], k, v, ctx.start, ctx.positions[m], ctx.key_mask[m], ctx.spec, ctx.rope)
+            w, x, k, v, ctx.start, ctx.positions[m], ctx.key_mask[m], ctx.spec, ctx.rope,
+            prepared=ctx.attention_inputs(m, x.dtype))
     elif part == "mlp":
         ctx.hidden[m] = layers.mlp_block(w, ctx.hidden[m], ctx.spec)
     else:

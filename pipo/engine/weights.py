@@ -13,17 +13,24 @@ from __future__ import annotations
 import torch
 
 from pipo.engine.blocks import BlockLayout, pack, rebase, views
+from pipo.ops.layers import fuse_projections
 from pipo.plan import DISK, RESIDENT, Plan
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
-    """Cast dense floats to ``dtype``; with ``int4_group``, quantize the linear weights to int4.
+    """Cast dense floats to ``dtype``; with ``int4_group``, quantize the linear weights to int4;
+    fuse the q/k/v and gate/up matrices (see ``pipo.ops.layers.fuse_projections``).
 
     Weights that arrive already 4-bit (GGUF Q4_0/Q4_1) stay 4-bit. Embeddings and the LM head stay
     dense: they are gathers or a single large product whose accuracy matters most.
     """
+    return fuse_projections(_converted(tensors, dtype, int4_group))
+
+
+def _converted(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
+    """``tensors`` cast (and maybe quantized) without fusing: disk blocks stay views of a slot."""
     out = {}
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
@@ -121,12 +128,12 @@ class PlacedWeights:
         target = self.slots[slot][:nbytes]
         target.copy_(source[:nbytes], non_blocking=True)
         tensors = rebase(self.staging_views[staging], source, target)
-        self._fill(slot, block, prepare_block(tensors, self.dtype, None))
+        self._fill(slot, block, _converted(tensors, self.dtype, None))
 
     async def load_from_disk(self, block: str, slot: int) -> None:
         """Read ``block`` from the offload store straight into weight ``slot``."""
         tensors = await self.source.read_block_into(block, self.slots[slot])
-        self._fill(slot, block, prepare_block(tensors, self.dtype, None))
+        self._fill(slot, block, _converted(tensors, self.dtype, None))
 
     def _fill(self, slot: int, block: str, tensors: dict) -> None:
         self.slot_views[slot], self.slot_holds[slot] = tensors, block

@@ -20,6 +20,7 @@ What the engine must honour:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,38 @@ from pipo.ops.rope import apply_rope, rope_tables
 from pipo.ops.traits import traits_for
 
 __all__ = ["embed", "attention_block", "mlp_block", "head", "norm", "attention_mask",
-           "positions_from_mask", "rope_tables"]
+           "attention_inputs", "AttentionInputs", "fuse_projections", "positions_from_mask", "rope_tables"]
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionInputs:
+    """What every attention block of one step shares: the grouped mask and the rope angles.
+
+    ``mask`` [b, 1, group*t, start+t] (query heads sharing a KV head folded into the query axis,
+    see :func:`_grouped_attention`); ``cos``/``sin`` [b, 1, t, head_dim] at this step's positions,
+    ``None`` for learned-position families. Built once per step and micro-batch, not per layer.
+    """
+
+    mask: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+
+def attention_inputs(key_mask: torch.Tensor, start: int, t: int, positions: torch.Tensor,
+                     spec: ModelSpec, rope: Rope | None, dtype: torch.dtype) -> AttentionInputs:
+    """The :class:`AttentionInputs` of a step (see :func:`attention_block` for the arguments)."""
+    b = key_mask.shape[0]
+    group = spec.n_heads // spec.n_kv_heads
+    mask = attention_mask(key_mask, start, t)                          # [b, 1, t, end]
+    mask = mask.expand(b, group, t, start + t).reshape(b, 1, group * t, start + t)
+    if rope is None or traits_for(spec).positions != "rope":
+        return AttentionInputs(mask, None, None)
+    cos, sin = rope
+    c = cos[positions].unsqueeze(1).to(dtype)                          # [b, 1, t, head_dim]
+    s = sin[positions].unsqueeze(1).to(dtype)                          # [b, 1, t, head_dim]
+    return AttentionInputs(mask, c, s)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -48,6 +78,8 @@ def norm(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """The block's pre-norm (RMSNorm or LayerNorm per the family) of x [..., hidden]."""
     if traits_for(spec).norm == "layer":
         return F.layer_norm(x, x.shape[-1:], w["norm_w"], w.get("norm_b"), spec.norm_eps)  # [..., hidden]
+    if x.dtype == torch.float32:  # one fused kernel; same math as below in fp32
+        return F.rms_norm(x, x.shape[-1:], w["norm_w"], spec.norm_eps)  # [..., hidden]
     x32 = x.float()                                                    # [..., hidden] fp32 for the mean
     variance = x32.pow(2).mean(dim=-1, keepdim=True)                   # [..., 1]
     normed = (x32 * torch.rsqrt(variance + spec.norm_eps)).to(x.dtype)  # [..., hidden]
@@ -80,45 +112,93 @@ def attention_mask(key_mask: torch.Tensor, start: int, t: int) -> torch.Tensor:
 
 def attention_block(w: dict, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     start: int, positions: torch.Tensor, key_mask: torch.Tensor,
-                    spec: ModelSpec, rope: Rope | None) -> torch.Tensor:
+                    spec: ModelSpec, rope: Rope | None,
+                    prepared: AttentionInputs | None = None) -> torch.Tensor:
     """Pre-norm self-attention with a KV cache and residual: x [b, t, hidden] -> [b, t, hidden].
 
     Writes the new keys/values into ``k_cache``/``v_cache`` [b, n_kv_heads, capacity, head_dim] at
     slots start..start+t-1 (in place), then attends over slots 0..start+t-1. ``rope`` is the
-    (cos, sin) pair from :func:`rope_tables` for rope families, ``None`` otherwise.
+    (cos, sin) pair from :func:`rope_tables` for rope families, ``None`` otherwise. ``prepared``
+    (from :func:`attention_inputs`) saves rebuilding the mask and angles in every layer. The
+    projections are ``wq``/``wk``/``wv`` or one fused ``wqkv`` (see :func:`fuse_projections`).
     """
     b, t, _ = x.shape
     nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    prep = prepared or attention_inputs(key_mask, start, t, positions, spec, rope, x.dtype)
     h = norm(w, x, spec)                                               # [b, t, hidden]
-    q = linear(h, w["wq"], w.get("bq")).view(b, t, nh, hd).transpose(1, 2)   # [b, nh, t, hd]
-    k = linear(h, w["wk"], w.get("bk")).view(b, t, nkv, hd).transpose(1, 2)  # [b, nkv, t, hd]
-    v = linear(h, w["wv"], w.get("bv")).view(b, t, nkv, hd).transpose(1, 2)  # [b, nkv, t, hd]
-    if traits_for(spec).positions == "rope":
-        q = apply_rope(q, *rope, positions)                            # [b, nh, t, hd]
-        k = apply_rope(k, *rope, positions)                            # [b, nkv, t, hd]
+    q, k, v = _qkv(w, h, nh * hd, nkv * hd)                            # [b, t, nh*hd], 2 x [b, t, nkv*hd]
+    q = q.view(b, t, nh, hd).transpose(1, 2)                           # [b, nh, t, hd]
+    k = k.view(b, t, nkv, hd).transpose(1, 2)                          # [b, nkv, t, hd]
+    v = v.view(b, t, nkv, hd).transpose(1, 2)                          # [b, nkv, t, hd]
+    if prep.cos is not None:
+        q = apply_rope(q, prep.cos, prep.sin)                          # [b, nh, t, hd]
+        k = apply_rope(k, prep.cos, prep.sin)                          # [b, nkv, t, hd]
     end = start + t
     k_cache[:, :, start:end] = k                                       # cache [b, nkv, capacity, hd]
     v_cache[:, :, start:end] = v                                       # cache [b, nkv, capacity, hd]
-    mask = attention_mask(key_mask, start, t)                          # [b, 1, t, end]
-    out = _grouped_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)  # [b, nh, t, hd]
+    out = _grouped_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], prep.mask)  # [b, nh, t, hd]
     out = out.transpose(1, 2).reshape(b, t, nh * hd)                   # [b, t, nh*hd]
     return x + linear(out, w["wo"], w.get("bo"))                       # [b, t, hidden]
+
+
+def fuse_projections(w: dict) -> dict:
+    """The block with q/k/v (and gate/up) matrices concatenated into one matrix each.
+
+    Fewer, larger matrix products: 4 per layer instead of 7. Only when every part is present and
+    of one kind (dense tensors of one dtype, or int4 with one group size); otherwise unchanged.
+    """
+    out = dict(w)
+    for parts, fused in ((("wq", "wk", "wv"), "wqkv"), (("w_gate", "w_up"), "w_gate_up")):
+        biases = tuple("b" + p[1:] for p in parts)
+        if not all(p in w for p in parts) or any(b in w for b in biases) and \
+                not all(b in w for b in biases):
+            continue
+        matrix = concat_rows([w[p] for p in parts])
+        if matrix is None:
+            continue
+        out[fused] = matrix
+        if biases[0] in w:
+            out["b" + fused[1:]] = torch.cat([w[b] for b in biases])
+        for name in parts + biases:
+            out.pop(name, None)
+    return out
+
+
+def concat_rows(matrices: list) -> object | None:
+    """Stack [out_i, in] matrices into one [sum out_i, in] (dense or int4); None if they differ."""
+    if all(isinstance(m, torch.Tensor) for m in matrices):
+        same = len({(m.dtype, m.shape[1], m.device) for m in matrices}) == 1
+        return torch.cat(matrices) if same else None
+    from pipo.ops.quant import QuantTensor
+
+    if not all(isinstance(m, QuantTensor) for m in matrices) or \
+            len({(m.group_size, m.shape[1]) for m in matrices}) != 1:
+        return None
+    parts = {k: torch.cat([m.to_parts()[k] for m in matrices]) for k in QuantTensor.tensor_fields}
+    rows = sum(m.shape[0] for m in matrices)
+    return QuantTensor.from_parts(parts, (rows, matrices[0].shape[1]), matrices[0].group_size)
+
+
+def _qkv(w: dict, h: torch.Tensor, q_out: int, kv_out: int) -> tuple[torch.Tensor, ...]:
+    """The q, k, v projections of h [b, t, hidden], from one fused matrix when the block has it."""
+    if "wqkv" in w:
+        qkv = linear(h, w["wqkv"], w.get("bqkv"))                      # [b, t, q_out + 2*kv_out]
+        return qkv.split([q_out, kv_out, kv_out], dim=-1)
+    return tuple(linear(h, w[f"w{n}"], w.get(f"b{n}")) for n in "qkv")
 
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:
     """Softmax attention with grouped kv heads, scale 1/sqrt(head_dim), without copying k/v.
 
-    q [b, nh, t, hd], k/v [b, nkv, T, hd], mask [b, 1, t, T] -> [b, nh, t, hd]. The nh/nkv query
-    heads sharing a kv head are folded into the query-length axis, so every SDPA backend sees plain
-    multi-head attention over the cache as it is (no repeat of a possibly long cache).
+    q [b, nh, t, hd], k/v [b, nkv, T, hd], mask [b, 1, group*t, T] -> [b, nh, t, hd]. The nh/nkv
+    query heads sharing a kv head are folded into the query-length axis, so every SDPA backend sees
+    plain multi-head attention over the cache as it is (no repeat of a possibly long cache).
     """
     b, nh, t, hd = q.shape
     nkv = k.shape[1]
-    group = nh // nkv
-    qg = q.reshape(b, nkv, group * t, hd)                              # [b, nkv, group*t, hd]
-    mg = mask.expand(b, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)  # [b, 1, group*t, T]
-    out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mg,
+    qg = q.reshape(b, nkv, (nh // nkv) * t, hd)                        # [b, nkv, group*t, hd]
+    out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                          scale=1.0 / math.sqrt(hd))     # [b, nkv, group*t, hd]
     return out.reshape(b, nh, t, hd)                                   # [b, nh, t, hd]
 
@@ -126,10 +206,14 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def mlp_block(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """Pre-norm feed-forward with residual: x [b, t, hidden] -> [b, t, hidden]."""
     h = norm(w, x, spec)                                               # [b, t, hidden]
-    up = linear(h, w["w_up"], w.get("b_up"))                           # [b, t, ffn]
-    if traits_for(spec).mlp == "gated_silu":
+    if "w_gate_up" in w:
+        gate, up = linear(h, w["w_gate_up"], w.get("b_gate_up")).chunk(2, dim=-1)  # 2 x [b, t, ffn]
+        act = F.silu(gate) * up                                        # [b, t, ffn]
+    elif traits_for(spec).mlp == "gated_silu":
+        up = linear(h, w["w_up"], w.get("b_up"))                       # [b, t, ffn]
         act = F.silu(linear(h, w["w_gate"], w.get("b_gate"))) * up     # [b, t, ffn]
     else:
+        up = linear(h, w["w_up"], w.get("b_up"))                       # [b, t, ffn]
         act = F.relu(up)                                               # [b, t, ffn]
     return x + linear(act, w["w_down"], w.get("b_down"))              # [b, t, hidden]
 

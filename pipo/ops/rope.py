@@ -53,11 +53,11 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)                       # [head_dim/2]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, heads, t, head_dim] by the angles of ``positions`` [b, t]; same shape and dtype."""
-    c = cos[positions].unsqueeze(1).to(x.dtype)                        # [b, 1, t, head_dim]
-    s = sin[positions].unsqueeze(1).to(x.dtype)                        # [b, 1, t, head_dim]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [b, heads, t, head_dim] by angles already gathered at its positions.
+
+    ``cos``/``sin`` [b, 1, t, head_dim] in x's dtype (see ``layers.attention_inputs``).
+    """
     x1, x2 = x.chunk(2, dim=-1)                                        # 2 x [b, heads, t, head_dim/2]
     rotated = torch.cat([-x2, x1], dim=-1)                             # [b, heads, t, head_dim]
-    return x * c + rotated * s                                         # [b, heads, t, head_dim]
+    return x * cos + rotated * sin                                     # [b, heads, t, head_dim]

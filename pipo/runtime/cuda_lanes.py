@@ -15,12 +15,12 @@
 in the runtime calls ``synchronize()``.
 
 Ordering with the caller's stream. The engine puts a step's inputs (token ids, positions, masks) on
-the device on its current stream before a run and reads the logits on it after the run. So a
-task with no predecessors first waits for the caller's stream (:meth:`StreamLane.begin` work), and
-every task's event is also waited for by the caller's stream (:meth:`StreamLane.end` work): then
-reading the logits sees every write of the step, and the next step's tasks (which have no
-predecessors from this step) start only after this step's GPU work, e.g. the last SaveKV, is done.
-Waiting on events never blocks the host; a run costs two extra ``cudaStreamWaitEvent`` per task.
+the device on its current stream before a run and reads the logits on it after the run. So a task
+with no predecessors first makes its stream wait for the caller's stream, and the caller's stream
+waits for every task's event: then reading the logits sees every write of the step, and the next
+step's tasks (which have no predecessors from this step) start only after this step's GPU work,
+e.g. the last SaveKV, is done. None of these waits blocks the host; a run costs about two extra
+``cudaStreamWaitEvent`` calls per task (microseconds against a step of tens of milliseconds).
 
 Tensor lifetimes across streams (what must hold, and why it does without ``record_stream``):
 weight slots, KV slots, pinned host buffers and the KV home are allocated once per run set-up and

@@ -42,7 +42,7 @@ def test_int4_weights_stay_4bit_in_memory(tmp_path):
     with pipo.load(tmp_path, weights="int4") as engine:
         engine.generate_ids([[1, 2, 3]], 2)
         attn = engine._weights.resident["L0.attn"]
-    assert all(type(attn[name]).__name__ == "QuantTensor" for name in ("wq", "wk", "wv", "wo"))
+    assert all(type(attn[name]).__name__ == "QuantTensor" for name in ("wqkv", "wo"))
 
 
 @pytest.mark.slow

@@ -98,8 +98,9 @@ def test_linear_dense():
 
 def test_linear_dispatches_quant_tensor_and_rejects_others(monkeypatch):
     quant = pytest.importorskip("pipo.ops.quant")
+    dispatch = pytest.importorskip("pipo.ops.int4_dispatch")
     calls = []
-    monkeypatch.setattr(quant, "int4_linear", lambda x, w, b: calls.append((x, w, b)) or "int4")
+    monkeypatch.setattr(dispatch, "int4_matmul", lambda x, w, b: calls.append((x, w, b)) or "int4")
     qw = object.__new__(quant.QuantTensor)  # only its type matters to the dispatch
     assert linear("x", qw, "b") == "int4" and calls == [("x", qw, "b")]
     with pytest.raises(TypeError):

@@ -274,3 +274,42 @@ def test_gpu_every_schedule_makes_the_same_tokens_as_the_cpu(placement, kv_offlo
             got = engine.generate_ids(prompts, workload.gen_len, keep_logits=True)
         assert got.tokens == want.tokens, schedule
         torch.testing.assert_close(got.logits[0], want.logits[0], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("what", ["load_weight", "load_kv", "save_kv"])
+def test_gpu_lane_copies_queue_behind_gpu_work_without_blocking_the_host(what):
+    """A lane only enqueues: a copy issued behind ~100 ms of GPU work must return at once.
+
+    A copy to or from pageable memory, or between non-contiguous host and device tensors, makes
+    torch stage it through the host and wait for the stream: then the host cannot run ahead of the
+    GPU and the lanes stop overlapping. This catches such a copy in the engine's executors.
+    """
+    import time
+
+    from pipo.bench.random_model import RandomModel
+    from pipo.bench.workloads import SHAPES
+    from pipo.engine.kv import KVCache
+    from pipo.engine.weights import PlacedWeights
+
+    spec = SHAPES["tiny-llama"]
+    plan = fixed_plan(spec, estimate_block_nbytes(spec, 2), "host", batch=4, micro_batch=2,
+                      max_len=256, kv_offload=True)
+    device = torch.device("cuda")
+    weights = PlacedWeights(RandomModel(spec), plan, device=device, dtype=torch.float16)
+    kv = KVCache(spec, plan, device=device, dtype=torch.float16)
+    kv.for_compute(0, 0, 0)
+    calls = {"load_weight": lambda: weights.load("L0.attn", 0),
+             "load_kv": lambda: kv.load(0, 0, 0, 200),
+             "save_kv": lambda: kv.save(0, 0, 0, 200, 1)}
+    stream = torch.cuda.Stream()
+    calls[what]()  # warm-up (allocator, kernels)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~100 ms of GPU time on this stream
+        t0 = time.perf_counter()
+        calls[what]()
+        host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert host_s < 0.02, f"{what} blocked the host for {host_s * 1e3:.0f} ms"
