@@ -10,8 +10,8 @@
 # Stages, most important first; each has a time limit and is skipped when the remaining budget is
 # too small, and every `pipo bench` writes its JSON after each row, so a cut-off keeps what landed:
 #   1. card, driver, torch; install carried wheels (benchmarks/wheels: FlexGen 0.1.8 and gguf with
-#      --no-deps, attrs if missing; fetch them with `pip download --no-deps flexgen==0.1.8 attrs
-#      gguf==0.19.0 -d benchmarks/wheels`, ~300 KB)
+#      --no-deps, attrs if missing; fetch them with benchmarks/fetch_wheels.sh: `pip download --no-deps flexgen==0.1.8 attrs
+#      gguf==0.19.0 aiofiles==25.1.0 -d benchmarks/wheels`, ~320 KB); check pipo's imports
 #   2. GPU test tier (pytest -m gpu)
 #   3. int4 kernel bench (benchmarks/bench_int4.py)
 #   4. quick: OPT-1.3B shape, all three schedules + FlexGen
@@ -76,6 +76,8 @@ if compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/pipo-site \
         "${wheels[@]}" 2>&1 | tee -a "$LOG" && export PYTHONPATH="$PYTHONPATH:/tmp/pipo-site"
 fi
+"$PY" -c 'import aiofiles, networkx, numba, safetensors, tokenizers, gguf' 2>&1 | tee -a "$LOG" \
+    && say "pipo's dependencies importable" || say "a pipo dependency is missing: carry its wheel"
 "$PY" -c 'import flexgen' 2>/dev/null && say "flexgen importable" || say "flexgen NOT importable: FlexGen rows will be errors"
 
 BENCH=("$PY" -m pipo.cli bench --log "$LOG")
