@@ -121,6 +121,11 @@ class Engine:
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         need = max(len(p) for p in prompts) + max_new_tokens
+        window = self.spec.sliding_window
+        if window and need > window:
+            raise GenerationError(
+                f"prompt plus max_new_tokens ({need} tokens) exceeds the model's sliding attention "
+                f"window of {window} tokens, which pipo does not implement yet")
         if need > self.spec.max_positions:
             raise GenerationError(
                 f"prompt ({max(len(p) for p in prompts)} tokens) plus max_new_tokens "

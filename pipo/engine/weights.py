@@ -74,6 +74,7 @@ class PlacedWeights:
         tensors = prepare_block(self.source.read_block(block), self.dtype, self.int4_group)
         if tier == RESIDENT:
             self.resident[block] = {k: v.to(self.device) for k, v in tensors.items()}
+            self._share_tied_embedding(block)
         else:
             pin = self.device.type == "cuda"
             buffer, layout = pack(tensors, pin=pin)
@@ -81,6 +82,14 @@ class PlacedWeights:
 
     def _has_disk(self) -> bool:
         return any(tier == DISK for _, tier in self.plan.placement)
+
+    def _share_tied_embedding(self, block: str) -> None:
+        """With tied embeddings and both ends resident, keep one copy of the matrix, not two."""
+        if not self.source.spec.tie_embeddings or not {"embed", "head"} <= self.resident.keys():
+            return
+        tok, out = self.resident["embed"]["tok"], self.resident["head"]["w_out"]
+        if isinstance(out, torch.Tensor) and torch.equal(tok, out):
+            self.resident["head"]["w_out"] = tok
 
     def _slot_buffer(self) -> torch.Tensor:
         sizes = [layout.nbytes for layout in self.layouts.values()]

@@ -68,3 +68,31 @@ def test_disk_placement_needs_a_store(tiny_models):
     path, _ = tiny_models["llama"]
     with pytest.raises(PlanError, match="pipo convert"):
         run_pipo(path, placement="disk")
+
+
+def test_tied_embedding_is_kept_once(tiny_models, tmp_path):
+    from tests.e2e.conftest import make_config
+
+    from transformers import AutoModelForCausalLM
+
+    config = make_config("llama")
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pipo.load(tmp_path) as engine:
+        engine.generate_ids([[1, 2, 3]], 2)
+        resident = engine._weights.resident
+    assert resident["head"]["w_out"] is resident["embed"]["tok"]
+
+
+def test_sliding_window_limit_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipo.errors import GenerationError
+    from tests.e2e.conftest import make_config
+
+    config = make_config("mistral")
+    config.sliding_window = 16
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pipo.load(tmp_path) as engine:
+        with pytest.raises(GenerationError, match="sliding attention window of 16"):
+            engine.generate_ids([[1, 2, 3]], 20)
