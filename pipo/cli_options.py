@@ -46,6 +46,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--placement", default="auto", choices=["auto", "resident", "host", "disk"],
                    help="put every block in one tier instead of planning by --device-memory")
     g.add_argument("--kv-offload", action="store_true", help="keep the KV cache in host memory")
+    g.add_argument("--kv-disk", default=None, metavar="DIR",
+                   help="keep the offloaded KV cache in a scratch file in DIR (implies --kv-offload)")
     g.add_argument("--schedule", default="pipo", choices=["pipo", "flexgen", "sequential"])
     g.add_argument("--micro-batch", type=int, default=None, help="rows per micro-batch")
     g.add_argument("--weight-slots", type=int, default=2, help="weight slots (look-ahead + 1)")
@@ -60,7 +62,7 @@ def engine_options(args: argparse.Namespace, **overrides):
                   group_size=args.group_size, device_memory=args.device_memory,
                   placement=args.placement, kv_offload=args.kv_offload, schedule=args.schedule,
                   micro_batch=args.micro_batch, n_weight_slots=args.weight_slots,
-                  n_kv_slots=args.kv_slots)
+                  n_kv_slots=args.kv_slots, kv_disk_dir=args.kv_disk)
     values.update(overrides)
     return EngineOptions(**values)
 

@@ -26,6 +26,7 @@ class Plan:
 
     ``staged_disk``: disk blocks are read into host staging buffers (pinned on CUDA) by ReadBlock
     tasks and then copied into weight slots; otherwise they are read straight into the slots.
+    ``kv_disk``: an offloaded KV cache lives in a memory-mapped scratch file rather than RAM.
     """
 
     placement: tuple[tuple[str, str], ...]
@@ -40,6 +41,7 @@ class Plan:
     kv_nbytes: int = 0
     resident_nbytes: int = 0
     staged_disk: bool = False
+    kv_disk: bool = False
 
     @property
     def n_micro(self) -> int:

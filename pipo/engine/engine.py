@@ -65,7 +65,7 @@ class Engine:
         # flexgen keeps three KV slots busy per step (save m-1, compute m, load m+1)
         n_kv_slots = max(o.n_kv_slots, 3) if o.schedule == "flexgen" else o.n_kv_slots
         common = dict(batch=batch, max_len=max_len, micro_batch=o.micro_batch,
-                      kv_offload=o.kv_offload, n_weight_slots=o.n_weight_slots,
+                      kv_offload=o.kv_offload or o.kv_disk_dir is not None, n_weight_slots=o.n_weight_slots,
                       n_kv_slots=n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
                       schedule=o.schedule)
         if o.placement != "auto":
@@ -73,7 +73,7 @@ class Engine:
         else:
             plan = make_plan(self.spec, sizes, device_memory=o.device_memory, offload_tier=tier,
                              **common)
-        return replace(plan, staged_disk=o.stage_disk_reads())
+        return replace(plan, staged_disk=o.stage_disk_reads(), kv_disk=o.kv_disk_dir is not None)
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), *, keep_logits: bool = False,
@@ -147,7 +147,8 @@ class Engine:
         rope = None
         if traits_for(self.spec).positions == "rope":
             rope = rope_tables(self.spec, plan.max_len, self.device, self.dtype)
-        kv = KVCache(self.spec, plan, device=self.device, dtype=self.dtype)
+        kv = KVCache(self.spec, plan, device=self.device, dtype=self.dtype,
+                     disk_dir=self.options.kv_disk_dir)
         return StepContext(self.spec, self._weights, kv, rope)
 
     def program(self, plan: Plan, phase: str) -> Program:

@@ -2,12 +2,21 @@
 
 Layout per (layer, micro-batch): K and V of shape [rows, n_kv_heads, max_len, head_dim] on the
 compute device (see ``pipo.ops.layers``); the offloaded host copy is position-major
-[max_len, rows, n_kv_heads, head_dim] so every transfer is one contiguous copy. Offloaded, the full cache lives in host memory (pinned on CUDA); a
-LoadKV task copies the first ``start`` positions into one of ``plan.n_kv_slots`` device slots, the
-attention block appends this step's entries there, and SaveKV copies just those entries back.
+[max_len, rows, n_kv_heads, head_dim] so every transfer is one contiguous copy. Offloaded, the
+full cache lives in host memory (pinned on CUDA); a LoadKV task copies the first ``start``
+positions into one of ``plan.n_kv_slots`` device slots, the attention block appends this step's
+entries there, and SaveKV copies just those entries back.
+
+With ``plan.kv_disk`` the offloaded cache lives in a memory-mapped scratch file instead of RAM
+(for caches larger than RAM; the kernel pages it in and out). The file is unlinked as soon as it is
+mapped, so no run ever leaves one behind, and it is never read by a later run.
 """
 
 from __future__ import annotations
+
+import math
+import os
+import tempfile
 
 import torch
 
@@ -23,7 +32,8 @@ def micro_rows(plan: Plan, micro: int) -> int:
 class KVCache:
     """K/V tensors for every (layer, micro-batch) pair, placed per the plan."""
 
-    def __init__(self, spec: ModelSpec, plan: Plan, *, device: torch.device, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, plan: Plan, *, device: torch.device, dtype: torch.dtype,
+                 disk_dir: str | None = None):
         self.plan = plan
         shape = (spec.n_kv_heads, plan.max_len, spec.head_dim)
         home = torch.device("cpu") if plan.kv_offloaded else device
@@ -38,8 +48,11 @@ class KVCache:
                 return (plan.max_len, rows, spec.n_kv_heads, spec.head_dim)
             return (rows, *shape)
 
-        self.home = {(layer, m): _pair(home_shape(m), home, dtype, pin)
-                     for layer in range(spec.n_layers) for m in range(plan.n_micro)}
+        keys = [(layer, m) for layer in range(spec.n_layers) for m in range(plan.n_micro)]
+        if plan.kv_offloaded and plan.kv_disk:
+            self.home = _disk_pairs({k: home_shape(k[1]) for k in keys}, dtype, disk_dir)
+        else:
+            self.home = {k: _pair(home_shape(k[1]), home, dtype, pin) for k in keys}
         n_slots = plan.n_kv_slots if plan.kv_offloaded else 0
         self.slots = [_pair((plan.micro_batch, *shape), device, dtype, False) for _ in range(n_slots)]
         self.slot_holds: list[tuple[int, int] | None] = [None] * n_slots
@@ -78,3 +91,22 @@ class KVCache:
 
 def _pair(shape, device, dtype, pin) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(2))
+
+
+def _disk_pairs(shapes: dict, dtype: torch.dtype, directory: str | None) -> dict:
+    """K/V pairs of the given shapes as views into one memory-mapped, already unlinked file."""
+    numels = [math.prod(shape) for shape in shapes.values()]
+    total = 2 * sum(numels)
+    fd, path = tempfile.mkstemp(prefix="pipo-kv-", suffix=".bin", dir=directory)
+    try:
+        os.ftruncate(fd, total * dtype.itemsize)
+        flat = torch.from_file(path, shared=True, size=total, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    pairs, offset = {}, 0
+    for key, shape, numel in zip(shapes, shapes.values(), numels):
+        k = flat[offset:offset + numel].view(shape)
+        v = flat[offset + numel:offset + 2 * numel].view(shape)
+        pairs[key], offset = (k, v), offset + 2 * numel
+    return pairs

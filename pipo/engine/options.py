@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,8 @@ class EngineOptions:
     than ``"auto"`` puts every block in one tier (``resident``, ``host``, ``disk``), like FlexGen's
     fixed ``--percent``. ``staged_disk`` reads disk blocks into host staging buffers before copying
     them to a slot (default: on CUDA only; on CPU the disk lane reads straight into the slot).
+    ``kv_disk_dir`` keeps the offloaded KV cache in a scratch file in that directory (implies
+    ``kv_offload``).
     """
 
     device: str = "cpu"
@@ -38,6 +41,7 @@ class EngineOptions:
     n_weight_slots: int = 2
     n_kv_slots: int = 2
     staged_disk: bool | None = None
+    kv_disk_dir: str | None = None
     trace: bool = False
 
     def __post_init__(self):
@@ -52,6 +56,8 @@ class EngineOptions:
         if self.placement not in ("auto", *PLACEMENTS):
             raise PipoError(f"unknown placement {self.placement!r}; choose auto or one of "
                             f"{', '.join(PLACEMENTS)}")
+        if self.kv_disk_dir is not None and not os.path.isdir(self.kv_disk_dir):
+            raise PipoError(f"--kv-disk {self.kv_disk_dir}: no such directory")
         if self.group_size not in (32, 64, 128):
             raise PipoError(f"--group-size must be 32, 64 or 128, got {self.group_size}")
 
@@ -73,9 +79,11 @@ class EngineOptions:
 
     def stage_disk_reads(self) -> bool:
         """Disk reads go through host staging buffers: always on CUDA (pinned), else if asked."""
-        if self.staged_disk is not None:
-            return self.staged_disk
-        return self.torch_device().type == "cuda"
+        on_cuda = self.torch_device().type == "cuda"
+        if on_cuda and self.staged_disk is False:
+            raise PipoError("on CUDA, disk blocks must pass through pinned staging buffers; "
+                            "leave staged_disk unset")
+        return on_cuda if self.staged_disk is None else self.staged_disk
 
     def int4_group(self) -> int | None:
         """Group size when weights are int4, else ``None``."""

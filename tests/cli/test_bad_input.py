@@ -71,6 +71,11 @@ def test_not_a_gguf(capsys, tmp_path):
     fails_with(capsys, ["info", str(fake)], "fake.gguf")
 
 
+def test_kv_disk_directory_must_exist(capsys, tiny_llama, tmp_path):
+    fails_with(capsys, ["info", str(tiny_llama), "--kv-disk", str(tmp_path / "nope")],
+               "no such directory")
+
+
 def test_budget_too_small(capsys, tiny_llama):
     fails_with(capsys, ["info", str(tiny_llama), "--device-memory", "1KiB"], "too small")
 

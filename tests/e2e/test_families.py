@@ -96,3 +96,11 @@ def test_sliding_window_limit_is_refused(tmp_path):
     with pipo.load(tmp_path) as engine:
         with pytest.raises(GenerationError, match="sliding attention window of 16"):
             engine.generate_ids([[1, 2, 3]], 20)
+
+
+def test_kv_cache_in_a_scratch_file(tiny_models, tmp_path):
+    path, reference = tiny_models["llama"]
+    result = run_pipo(path, kv_disk_dir=str(tmp_path), micro_batch=1)
+    assert result.plan.kv_offloaded and result.plan.kv_disk
+    assert_matches(result, reference)
+    assert list(tmp_path.iterdir()) == []  # the scratch file is unlinked once mapped
