@@ -17,7 +17,6 @@ from pipo.io.spec import ModelSpec, block_layer, block_part
 from pipo.plan import DISK, RESIDENT, Plan
 from pipo.runtime.graph import GraphBuilder
 from pipo.runtime.tasks import DISK as DISK_LANE
-from pipo.runtime.tasks import LOAD_WEIGHT
 from pipo.runtime.tasks import Compute, LoadKV, LoadWeight, ReadBlock, SaveKV
 
 PREFILL, DECODE = "prefill", "decode"

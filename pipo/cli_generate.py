@@ -50,15 +50,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stream_one(engine, args, sampling: SamplingParams) -> int:
+    # The prompt is echoed with the first piece, so an error before generation prints alone.
+    pending = [] if args.chat else [args.prompt]
+
     def show(_row: int, piece: str) -> None:
-        sys.stdout.write(piece)
+        sys.stdout.write("".join(pending) + piece)
+        pending.clear()
         sys.stdout.flush()
 
-    if not args.chat:
-        sys.stdout.write(args.prompt)
     engine.generate(args.prompt, args.max_new_tokens, sampling, chat=args.chat,
                     system=args.system, on_text=show)
-    sys.stdout.write("\n")
+    sys.stdout.write("".join(pending) + "\n")
     return 0
 
 

@@ -49,9 +49,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-disk", default=None, metavar="DIR",
                    help="keep the offloaded KV cache in a scratch file in DIR (implies --kv-offload)")
     g.add_argument("--schedule", default="pipo", choices=["pipo", "flexgen", "sequential"])
-    g.add_argument("--micro-batch", type=int, default=None, help="rows per micro-batch")
-    g.add_argument("--weight-slots", type=int, default=2, help="weight slots (look-ahead + 1)")
-    g.add_argument("--kv-slots", type=int, default=2, help="KV staging slots")
+    g.add_argument("--micro-batch", type=positive_int, default=None, help="rows per micro-batch")
+    g.add_argument("--weight-slots", type=positive_int, default=2,
+                   help="weight slots (look-ahead + 1)")
+    g.add_argument("--kv-slots", type=positive_int, default=None,
+                   help="KV staging slots (default: 2; 3 for the flexgen schedule)")
 
 
 def engine_options(args: argparse.Namespace, **overrides):

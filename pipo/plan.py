@@ -8,7 +8,7 @@ schedule builds the step graphs. No torch here: plans and graphs are built and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 from pipo.errors import PlanError
@@ -48,11 +48,6 @@ class Plan:
         """Number of micro-batches."""
         return -(-self.batch // self.micro_batch)
 
-    @property
-    def lookahead(self) -> int:
-        """How many blocks ahead weight loads may run (slots - 1)."""
-        return self.n_weight_slots - 1
-
     def where(self, block: str) -> str:
         """Tier of ``block``."""
         return dict(self.placement)[block]
@@ -60,10 +55,6 @@ class Plan:
     def streamed(self) -> list[str]:
         """Blocks that a LoadWeight task brings in every step, in block order."""
         return [b for b, tier in self.placement if tier != RESIDENT]
-
-    def with_schedule(self, schedule: str) -> Plan:
-        """The same plan run by another schedule."""
-        return replace(self, schedule=_checked_schedule(schedule))
 
 
 def kv_cache_nbytes(spec: ModelSpec, batch: int, max_len: int, dtype_nbytes: int) -> int:

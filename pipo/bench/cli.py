@@ -106,7 +106,8 @@ def _run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     if baselines != ["transformers"]:
         raise PipoError("the smollm workload has one baseline: transformers")
     batches = (args.batch,) if args.batch else (1, 8)
-    result = cpu.run_smollm(batches, args.gen_len or 64, args.repeats, args.schedules[0])
+    result = cpu.run_smollm(batches, args.gen_len or 64, args.repeats,
+                            (args.schedules or ["pipo"])[0])
     print(cpu.format_table(result))
     return {"workload": {"id": "smollm", **{k: v for k, v in result.items() if k != "rows"}},
             "comparisons": result["rows"]}

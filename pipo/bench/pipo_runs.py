@@ -70,7 +70,15 @@ def run_schedules(workload: Workload, device: str, schedules: list[str], *,
     """
     if not schedules:
         return []
-    source = make_source(workload, seed)
+    with tempfile.TemporaryDirectory(prefix="pipo-bench-store-") as store_dir:
+        source = make_source(workload, seed, store_dir)
+        try:
+            return _run_all(workload, source, device, schedules, trace_dir, link_gbps, seed, on_row)
+        finally:
+            getattr(source, "close", lambda: None)()
+
+
+def _run_all(workload, source, device, schedules, trace_dir, link_gbps, seed, on_row):
     engine = make_engine(workload, source, device, schedules[0], trace=True)
     rows = []
     try:

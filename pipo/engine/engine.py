@@ -61,10 +61,14 @@ class Engine:
         if o.placement == DISK and tier != DISK:
             raise PlanError("--placement disk needs an offload store: convert the model first "
                             "with `pipo convert MODEL STORE` and pass --model STORE")
+        if o.int4_group() and tier == DISK and not _store_is_int4(self.source):
+            raise PlanError("--weights int4 with a dense offload store would stream dense blocks: "
+                            "convert the store with `pipo convert ... --weights int4`")
         sizes = estimate_block_nbytes(self.spec, self.dtype.itemsize, o.int4_group())
         # flexgen keeps three KV slots busy per step (save m-1, compute m, load m+1)
-        n_kv_slots = max(o.n_kv_slots, 3) if o.schedule == "flexgen" else o.n_kv_slots
-        common = dict(batch=batch, max_len=max_len, micro_batch=o.micro_batch,
+        n_kv_slots = o.n_kv_slots or (3 if o.schedule == "flexgen" else 2)
+        micro_batch = min(o.micro_batch, batch) if o.micro_batch else None
+        common = dict(batch=batch, max_len=max_len, micro_batch=micro_batch,
                       kv_offload=o.kv_offload or o.kv_disk_dir is not None, n_weight_slots=o.n_weight_slots,
                       n_kv_slots=n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
                       schedule=o.schedule)
@@ -136,9 +140,7 @@ class Engine:
         return next(i for i in (spec.pad_id, *spec.eos_ids, 0) if i is not None)
 
     def _context(self, plan: Plan) -> StepContext:
-        if self._weights is None or self._weights.plan.placement != plan.placement or \
-                self._weights.plan.n_weight_slots != plan.n_weight_slots or \
-                self._weights.plan.staged_disk != plan.staged_disk:
+        if self._weights is None or _weights_key(self._weights.plan) != _weights_key(plan):
             self._weights = None  # release the old placement before building the new one
             self._weights = PlacedWeights(self.source, plan, device=self.device, dtype=self.dtype,
                                           int4_group=self.options.int4_group())
@@ -153,8 +155,9 @@ class Engine:
 
     def program(self, plan: Plan, phase: str) -> Program:
         """The compiled step graph of ``phase`` for ``plan`` (compiled once, then reused)."""
-        key = (plan.placement, plan.n_micro, plan.micro_batch, plan.batch, plan.kv_offloaded,
-               plan.n_weight_slots, plan.n_kv_slots, plan.schedule, plan.staged_disk, phase)
+        # a step graph depends on every plan field except these sizes and the KV's backing store
+        key = (replace(plan, max_len=0, slot_nbytes=0, kv_nbytes=0, resident_nbytes=0,
+                       kv_disk=False), phase)
         if key not in self._programs:
             self._programs[key] = self.runtime.compile(build_step(self.spec, plan, phase))
         return self._programs[key]
@@ -198,6 +201,16 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _weights_key(plan: Plan) -> tuple:
+    """What PlacedWeights depends on: reuse them across calls while it is unchanged."""
+    return plan.placement, plan.n_weight_slots, plan.staged_disk
+
+
+def _store_is_int4(source) -> bool:
+    """Whether an offload store holds 4-bit linear weights."""
+    return any(t.quant is not None for b in source.index.blocks for t in b.tensors)
 
 
 def _prompt_mask(prompts: list[list[int]], max_len: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ class EngineOptions:
     schedule: str = "pipo"
     micro_batch: int | None = None
     n_weight_slots: int = 2
-    n_kv_slots: int = 2
+    n_kv_slots: int | None = None
     staged_disk: bool | None = None
     kv_disk_dir: str | None = None
     trace: bool = False
@@ -63,12 +63,21 @@ class EngineOptions:
 
     def torch_device(self) -> torch.device:
         """The compute device; a clear error when CUDA is asked for but absent."""
-        device = torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise PipoError(f"unsupported device {self.device!r}; use cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise PipoError(f"unsupported device {self.device!r}; use cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise PipoError("--device cuda was asked for but no CUDA device is available "
                             "(this torch build or machine has none); use --device cpu")
-        if device.type not in ("cpu", "cuda"):
-            raise PipoError(f"unsupported device {self.device!r}; use cpu or cuda")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise PipoError(f"--device {self.device}: this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "cuda" and self.kv_disk_dir is not None:
+            raise PipoError("--kv-disk is CPU-only for now: a memory-mapped cache is pageable "
+                            "memory, which would stall the CUDA copy lanes; use --kv-offload")
         return device
 
     def torch_dtype(self) -> torch.dtype:

@@ -147,7 +147,3 @@ class PlacedWeights:
     def _fill(self, slot: int, block: str, tensors: dict) -> None:
         self.slot_views[slot], self.slot_holds[slot] = tensors, block
 
-    def host_nbytes(self) -> int:
-        """Bytes held in host buffers."""
-        return sum(buffer.numel() for buffer, _ in self.host.values())
-

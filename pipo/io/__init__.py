@@ -1,0 +1,1 @@
+"""Reading models: specs, safetensors and GGUF readers, tokenizer, the offload store."""

@@ -94,10 +94,6 @@ class Tokenizer:
         """Number of ids, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def token_text(self, token_id: int) -> str | None:
-        """The vocabulary entry of an id (``None`` if unknown); special tokens read as themselves."""
-        return self.backend.id_to_token(token_id)
-
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; prepend BOS when ``add_bos`` (default: the model's convention)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids

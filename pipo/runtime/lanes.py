@@ -45,6 +45,7 @@ class LoopLane(Lane):
     """Runs work on the event-loop thread; awaits it when it returns an awaitable."""
 
     async def run(self, work: Work, after: Sequence[Any] = ()) -> None:
+        """Run ``work`` now on the loop thread; await its result if it is awaitable."""
         result = work()
         if inspect.isawaitable(result):
             await result
@@ -61,6 +62,7 @@ class ThreadLane(Lane):
         self._thread.start()
 
     async def run(self, work: Work, after: Sequence[Any] = ()) -> None:
+        """Queue ``work`` for the lane's thread and wait for it; awaitables are rejected."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((work, future, loop))
@@ -81,6 +83,7 @@ class ThreadLane(Lane):
                 loop.call_soon_threadsafe(_settle, future, None, None)
 
     def close(self) -> None:
+        """Let the thread finish its queue, then stop it."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()

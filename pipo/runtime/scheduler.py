@@ -36,6 +36,8 @@ from pipo.runtime.graph import check_graph
 from pipo.runtime.lanes import Lane, cpu_lane
 from pipo.runtime.registry import EXECUTORS, Executors
 
+DRAIN_TIMEOUT_S = 30.0
+
 
 @dataclass(frozen=True)
 class Program:
@@ -168,6 +170,7 @@ class _Run:
                 self._release(i)
 
     async def execute(self) -> RunStats:
+        """Run every task; on the first failure cancel the rest, drain the lanes, re-raise."""
         self.t0 = time.perf_counter()
         if self.p.names:
             try:
@@ -175,9 +178,19 @@ class _Run:
                     for name in self.ready:
                         group.create_task(self._worker(name, self.rt.lane(name)))
             except BaseExceptionGroup as eg:
+                await self._drain()
                 raise _first_leaf(eg) from None
         self.stats.wall_s = time.perf_counter() - self.t0
         return self.stats
+
+    async def _drain(self) -> None:
+        """Wait (bounded) for work a lane's thread is still doing, so no task of a failed run
+        writes into buffers the next run uses; cancelling the awaiting coroutine cannot stop it."""
+        for name in self.ready:
+            try:
+                await asyncio.wait_for(self.rt.lane(name).run(lambda: None), DRAIN_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - the original failure is what the caller must see
+                pass
 
     def _release(self, i: int) -> None:
         lane = self.p.lanes[i]

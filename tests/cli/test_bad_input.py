@@ -76,6 +76,17 @@ def test_kv_disk_directory_must_exist(capsys, tiny_llama, tmp_path):
                "no such directory")
 
 
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "cuda"])
+def test_unusable_device(capsys, tiny_llama, device):
+    fails_with(capsys, ["info", str(tiny_llama), "--device", device], "device")
+
+
+def test_int4_needs_an_int4_store(capsys, tiny_llama, tmp_path):
+    assert main(["convert", str(tiny_llama), str(tmp_path / "store"), "--weights", "fp32"]) == 0
+    fails_with(capsys, ["info", str(tmp_path / "store"), "--placement", "disk", "--weights",
+                        "int4"], "--weights int4")
+
+
 def test_budget_too_small(capsys, tiny_llama):
     fails_with(capsys, ["info", str(tiny_llama), "--device-memory", "1KiB"], "too small")
 

@@ -104,3 +104,10 @@ def test_kv_cache_in_a_scratch_file(tiny_models, tmp_path):
     assert result.plan.kv_offloaded and result.plan.kv_disk
     assert_matches(result, reference)
     assert list(tmp_path.iterdir()) == []  # the scratch file is unlinked once mapped
+
+
+def test_micro_batch_larger_than_a_short_batch(tiny_models):
+    path, reference = tiny_models["llama"]
+    with pipo.load(path, micro_batch=4, placement="host", kv_offload=True) as engine:
+        result = engine.generate_ids(PROMPTS[:1], NEW_TOKENS)
+    assert result.tokens[0] == reference[0][0]
