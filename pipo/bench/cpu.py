@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pipo.bench.baselines import hf_generate_timed
+from pipo.engine.engine import left_pad
 
 PROMPTS = (
     "The capital of France is",
@@ -67,17 +68,6 @@ def encode(engine, batch: int) -> list[list[int]]:
     return [engine.tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of ``prompts`` left-padded to the longest."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = torch.tensor(p)
-        mask[row, longest - len(p):] = 1
-    return ids, mask
-
-
 def time_pipo(engine, prompts: list[list[int]], gen_len: int) -> dict[str, Any]:
     """One timed pipo generation: tokens, wall, prefill and decode seconds."""
     t0 = time.perf_counter()
@@ -90,9 +80,9 @@ def time_pipo(engine, prompts: list[list[int]], gen_len: int) -> dict[str, Any]:
 def time_hf(model, prompts: list[list[int]], gen_len: int, eos_id: int,
             pad_id: int) -> dict[str, Any]:
     """One timed transformers generation, same fields as :func:`time_pipo`."""
-    ids, mask = left_padded(prompts, pad_id)
+    ids, mask = left_pad(prompts, pad_id)
     t0 = time.perf_counter()
-    new, prefill_s, decode_s = hf_generate_timed(model, ids, mask, gen_len, eos_token_id=eos_id,
+    new, prefill_s, decode_s = hf_generate_timed(model, ids, mask.long(), gen_len, eos_token_id=eos_id,
                                                  pad_token_id=pad_id)
     wall_s = time.perf_counter() - t0
     return {"tokens": new.tolist(), "wall_s": wall_s, "prefill_s": prefill_s, "decode_s": decode_s}

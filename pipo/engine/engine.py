@@ -91,8 +91,7 @@ class Engine:
         longest = max(len(p) for p in prompts)
         plan = self.plan_for(len(prompts), longest + max_new_tokens)
         ctx = self._context(plan)
-        mask = _prompt_mask(prompts, plan.max_len)
-        ids = _left_padded(prompts, longest, self._pad_id())
+        ids, mask = left_pad(prompts, self._pad_id(), plan.max_len)
         generator = make_generator(sampling)
         result = Generation(tokens=[[] for _ in prompts], plan=plan)
         done = [False] * len(prompts)
@@ -213,19 +212,17 @@ def _store_is_int4(source) -> bool:
     return any(t.quant is not None for b in source.index.blocks for t in b.tensors)
 
 
-def _prompt_mask(prompts: list[list[int]], max_len: int) -> torch.Tensor:
+def left_pad(prompts: list[list[int]], pad_id: int, max_len: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, longest] left-padded with ``pad_id`` and the key mask [b, max_len] (bool,
+    True at real tokens; positions past the prompts are False until generated)."""
     longest = max(len(p) for p in prompts)
-    mask = torch.zeros(len(prompts), max_len, dtype=torch.bool)
-    for row, p in enumerate(prompts):
-        mask[row, longest - len(p):longest] = True
-    return mask
-
-
-def _left_padded(prompts: list[list[int]], longest: int, pad_id: int) -> torch.Tensor:
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), max_len or longest, dtype=torch.bool)
     for row, p in enumerate(prompts):
         ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-    return ids
+        mask[row, longest - len(p):longest] = True
+    return ids, mask
 
 
 def _append(tokens: list[list[int]], done: list[bool], new: list[int], eos: set[int]

@@ -21,6 +21,13 @@ from numba import njit, prange
 ROWS_PER_CHUNK = 16  # rows one thread dequantizes into its private buffers before moving on
 
 
+@njit(cache=True)
+def _row_buffers(half):
+    """A thread's private fp32 buffers for one chunk: lo, hi, per-column scale, per-column min."""
+    return (np.empty(half, np.float32), np.empty(half, np.float32),
+            np.empty(half, np.float32), np.empty(half, np.float32))
+
+
 @njit(cache=True, fastmath=True)
 def _decode_row(row, scales_row, mins_row, lo, hi, scale_buf, min_buf):
     """Row codes -> fp32 values: ``lo[j]`` = element 2j, ``hi[j]`` = element 2j + 1."""
@@ -45,12 +52,8 @@ def gemm_rows(codes, x_even, x_odd, scales, mins, out):
     scales / mins fp32 [N, G]; out fp32 [B, N]. Each weight row is decoded once and reused for all B.
     """
     n_rows, half = codes.shape
-    n_chunks = (n_rows + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
-    for c in prange(n_chunks):
-        lo = np.empty(half, np.float32)
-        hi = np.empty(half, np.float32)
-        scale_buf = np.empty(half, np.float32)
-        min_buf = np.empty(half, np.float32)
+    for c in prange((n_rows + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK):
+        lo, hi, scale_buf, min_buf = _row_buffers(half)
         for n in range(c * ROWS_PER_CHUNK, min(n_rows, (c + 1) * ROWS_PER_CHUNK)):
             _decode_row(codes[n], scales[n], mins[n], lo, hi, scale_buf, min_buf)
             for b in range(x_even.shape[0]):
@@ -70,12 +73,8 @@ def dequant_even_odd(codes, scales, mins, out):
     columns are permuted the same way (``cat([x_even, x_odd])``).
     """
     n_rows, half = codes.shape
-    n_chunks = (n_rows + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
-    for c in prange(n_chunks):
-        lo = np.empty(half, np.float32)
-        hi = np.empty(half, np.float32)
-        scale_buf = np.empty(half, np.float32)
-        min_buf = np.empty(half, np.float32)
+    for c in prange((n_rows + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK):
+        lo, hi, scale_buf, min_buf = _row_buffers(half)
         for n in range(c * ROWS_PER_CHUNK, min(n_rows, (c + 1) * ROWS_PER_CHUNK)):
             _decode_row(codes[n], scales[n], mins[n], lo, hi, scale_buf, min_buf)
             out[n, :half] = lo
