@@ -164,8 +164,12 @@ def _metrics_row(engine, workload: Workload, schedule: str, gen, link_gbps: floa
                                            int4_group=int4)
     link = metrics.link_report(step_bytes, link_gbps, gen.decode_s, gen.steps - 1)
     peak = metrics.peak_gpu_nbytes(engine.device)
+    decode_stats = gen.step_stats[1:]
     return {
         "system": "pipo", "schedule": schedule, "steps": gen.steps,
+        # scheduler + launches of one decode step (on CUDA the run returns once all is enqueued)
+        "host_ms_per_step": 1e3 * sum(s.wall_s for s in decode_stats) / len(decode_stats)
+        if decode_stats else None,
         "t_prefill_s": gen.prefill_s, "t_decode_s": gen.decode_s,
         **dataclasses.asdict(tput),
         "h2d_nbytes_per_step": link.h2d_nbytes_per_step,

@@ -24,7 +24,8 @@ _COLUMNS = (  # (header, row key, format)
     ("total tok/s", "total_tok_s", "{:.2f}"), ("busy %", "compute_busy_frac", "{:.0%}"),
     ("NVML %", "nvml_util_pct", "{:.0f}"), ("H2D GB/s", "achieved_h2d_gbps", "{:.1f}"),
     ("link limit s", "link_limit_s_per_step", "{:.3f}"), ("step s", "step_s", "{:.3f}"),
-    ("efficiency", "pipeline_efficiency", "{:.2f}"), ("peak GiB", "peak_gpu_gib", "{:.2f}"),
+    ("efficiency", "pipeline_efficiency", "{:.2f}"), ("host ms/step", "host_ms_per_step", "{:.1f}"),
+    ("peak GiB", "peak_gpu_gib", "{:.2f}"),
 )
 
 
