@@ -24,7 +24,8 @@ import torch
 
 from pipo.io.spec import ModelSpec
 from pipo.plan import Plan
-from pipo.runtime.memory import HostArena, PinRegistrar, align_up, default_registrar
+from pipo.runtime import memory
+from pipo.runtime.memory import HostArena, PinRegistrar, align_up
 
 KV_ALIGN_NBYTES = 256
 
@@ -56,7 +57,7 @@ class KVCache:
             if plan.kv_disk:
                 self.home = _disk_pairs(shapes, dtype, disk_dir)
             else:
-                registrar = registrar if registrar is not None else default_registrar(device)
+                registrar = registrar if registrar is not None else memory.default_registrar(device)
                 self.arena, self.home = _arena_pairs(shapes, dtype, registrar)
             self.slots = [_slot_views(spec, plan, device, dtype) for _ in range(plan.n_kv_slots)]
         # attention's [rows, nkv, max_len, hd] views of the position-major slots

@@ -22,7 +22,8 @@ from pipo.io.aligned import ALIGN_NBYTES as DISK_ALIGN_NBYTES
 from pipo.ops import int4_dispatch
 from pipo.ops.layers import fuse_projections
 from pipo.plan import DISK, HOST, RESIDENT, Plan, estimate_block_nbytes
-from pipo.runtime.memory import HostArena, PinRegistrar, default_registrar
+from pipo.runtime import memory
+from pipo.runtime.memory import HostArena, PinRegistrar
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -67,7 +68,7 @@ class PlacedWeights:
         self.host: dict[str, tuple[torch.Tensor, BlockLayout]] = {}
         self.layouts: dict[str, BlockLayout] = {}
         self.arena = HostArena(self._host_reserve_nbytes(),
-                               registrar if registrar is not None else default_registrar(device),
+                               registrar if registrar is not None else memory.default_registrar(device),
                                name="weights")
         self.holds_int4 = False
         self.int4_workspace: int4_dispatch.Int4Workspace | None = None  # CUDA only

@@ -70,10 +70,12 @@ class Int4Workspace:
         self._dense[(id(q), dtype, stream)] = (q, w)
 
     def close(self) -> None:
-        """Drop every cached wrapper and matrix."""
+        """Drop every cached wrapper and matrix; stop being the current workspace."""
         self._arrays.clear()
         self._dense.clear()
         self._block = None
+        if _CURRENT.get() is self:
+            _CURRENT.set(None)
 
 
 _CURRENT: ContextVar[Int4Workspace | None] = ContextVar("pipo_int4_workspace", default=None)

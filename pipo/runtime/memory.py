@@ -25,6 +25,7 @@ import torch
 
 PAGE_NBYTES = 4096
 MIN_GROW_NBYTES = 64 << 20  # smallest extra mapping when a reservation turns out too small
+_LIVE: weakref.WeakSet[HostArena] = weakref.WeakSet()  # for arena_stats
 
 
 class PinRegistrar(Protocol):
@@ -98,6 +99,7 @@ class HostArena:
         self._mappings: list[_Mapping] = []
         self._registered: list[int] = []  # addresses to unregister; shared with the finalizer
         self._finalizer = weakref.finalize(self, _unregister_all, registrar, self._registered)
+        _LIVE.add(self)
 
     def take(self, nbytes: int, align_nbytes: int = 256) -> torch.Tensor:
         """A new ``uint8`` view of ``nbytes`` bytes whose first byte is ``align_nbytes``-aligned."""
@@ -140,6 +142,14 @@ class HostArena:
         self._finalizer()
         self._mappings.clear()
         self.pinned_nbytes = 0
+
+
+def arena_stats() -> dict[str, int]:
+    """Over every live arena of this process: bytes handed out as views (``data_nbytes``) and bytes
+    page-locked (``pinned_nbytes``); benchmarks report both."""
+    arenas = list(_LIVE)
+    return {"data_nbytes": sum(a.logical_nbytes for a in arenas if a.pinned_nbytes or a.mapped_nbytes),
+            "pinned_nbytes": sum(a.pinned_nbytes for a in arenas)}
 
 
 def _unregister_all(registrar: PinRegistrar | None, addresses: list[int]) -> None:
