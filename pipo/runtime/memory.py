@@ -18,12 +18,15 @@ device and ``None`` (nothing pinned) elsewhere; tests pass a fake that records t
 from __future__ import annotations
 
 import mmap
+import sys
 import weakref
 from typing import Protocol
 
 import torch
 
 PAGE_NBYTES = 4096
+# Reserve address space without committing it (Linux's value; Python names it only from 3.12 on)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 MIN_GROW_NBYTES = 64 << 20  # smallest extra mapping when a reservation turns out too small
 _LIVE: weakref.WeakSet[HostArena] = weakref.WeakSet()  # for arena_stats
 
@@ -75,7 +78,7 @@ class _Mapping:
     """One anonymous private mapping, its uint8 tensor view and how much of it is carved."""
 
     def __init__(self, capacity_nbytes: int):
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
         self.buffer = torch.frombuffer(mmap.mmap(-1, capacity_nbytes, flags=flags), dtype=torch.uint8)
         self.ptr = self.buffer.data_ptr()  # page-aligned: mmap returns whole pages
         self.capacity_nbytes = capacity_nbytes
