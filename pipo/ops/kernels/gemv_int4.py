@@ -40,9 +40,9 @@ WORDS_PER_STEP = 4  # int32 words one lane reads per step on the vector path (16
 VECTOR_ALIGN_NBYTES = 16
 
 
-def _make_kernel(load, store, words_per_step: int):
-    """The GEMV kernel reading activations through ``load``, writing outputs through ``store`` and
-    reading ``words_per_step`` weight words per lane step (4: one 16-byte load; 1: a 4-byte load)."""
+def _make_step(load, words_per_step: int):
+    """The device function doing one lane step: ``words_per_step`` words (4: one 16-byte load; 1: a
+    4-byte load) times every activation row read through ``load``, added into ``acc``."""
 
     @device_function
     def fma_word(word, k0, n_codes, s, m, x, batch, acc):
@@ -69,7 +69,13 @@ def _make_kernel(load, store, words_per_step: int):
         """Word ``w0`` of row n; ``n_codes`` of its codes count."""
         fma_word(qweight[n, w0], w0 * 8, n_codes, s, m, x, batch, acc)
 
-    step = step4 if words_per_step == 4 else step1
+    return step4 if words_per_step == 4 else step1
+
+
+def _make_kernel(load, store, words_per_step: int):
+    """The GEMV kernel reading activations through ``load``, writing outputs through ``store`` and
+    reading ``words_per_step`` weight words per lane step (see :func:`_make_step`)."""
+    step = _make_step(load, words_per_step)
     codes_per_step = 8 * words_per_step
 
     def gemv(qweight, scales, mins, x, y, in_features, words_per_group):
