@@ -123,13 +123,15 @@ def _place(blocks, block_nbytes, budget, n_slots, offload_tier):
     total = sum(block_nbytes[b] for b in blocks)
     if total <= budget:
         return {b: RESIDENT for b in blocks}, 0, total
+    # largest first, equal sizes in block order (never set order: string hashes vary per process)
+    by_size = sorted(blocks, key=lambda b: -block_nbytes[b])
     best = None
     for slot in sorted({block_nbytes[b] for b in blocks}, reverse=True):
         resident = {b for b in blocks if block_nbytes[b] > slot}
         left = budget - n_slots * slot - sum(block_nbytes[b] for b in resident)
         if left < 0:
             continue
-        for b in sorted(set(blocks) - resident, key=lambda b: -block_nbytes[b]):
+        for b in (b for b in by_size if b not in resident):
             if block_nbytes[b] <= left:
                 resident.add(b)
                 left -= block_nbytes[b]
