@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except PipoError as exc:
-        print(f"pipo: error: {exc}", file=sys.stderr)
+        print(f"pipo: error: {exc.for_cli()}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("pipo: interrupted", file=sys.stderr)
