@@ -18,7 +18,8 @@ def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt or a JSONL file of prompts",
                        description="Generate text. Greedy unless --temperature > 0.")
     p.add_argument("prompt", nargs="?",
-                   help="the prompt; its completion streams to stdout (or give --input)")
+                   help="the prompt; its completion streams to stdout (default: none, then "
+                        "--input FILE is needed)")
     add_model_option(p)
     p.add_argument("--max-new-tokens", "-n", type=positive_int, default=64, metavar="N",
                    help="new tokens per prompt at most; generation also stops at the model's "
@@ -34,7 +35,8 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="random seed for sampling, an integer >= 0, to repeat a run "
                         "(default: a fresh seed each run)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None,
                    help="system message, with --chat (default: none)")
     p.add_argument("--input", type=Path, metavar="FILE",
@@ -42,8 +44,9 @@ def add_generate(sub) -> None:
                         "before generating (default: none, use the prompt argument)")
     p.add_argument("--output", type=Path, metavar="FILE",
                    help="JSONL file for --input's records with a \"completion\" field added; "
-                        "written as FILE.partial batch by batch and renamed to FILE when all are "
-                        "done, so an interrupted run keeps FILE.partial (required with --input)")
+                        "written as FILE.partial batch by batch and renamed to FILE when all "
+                        "are done, so an interrupted run keeps FILE.partial "
+                        "(default: none; required with --input)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="prompts generated together, with --input (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",

@@ -26,7 +26,8 @@ def add_graph(sub) -> None:
     p = sub.add_parser("graph", help="the step DAG as DOT, PNG, SVG or JSON")
     add_model_option(p, positional=True)
     p.add_argument("--phase", choices=["decode", "prefill"], default="decode",
-                   help="prefill (the prompt) or decode (one new token) step (default: %(default)s)")
+                   help="the step to draw: prefill (the prompt) or decode (one new token) "
+                        "(default: %(default)s)")
     p.add_argument("--output", "-o", type=Path, default=None, metavar="FILE",
                    help="file to write, by suffix: .png or .svg (a picture), .dot (Graphviz), "
                         ".json (the graph as data) (default: DOT text to stdout)")

@@ -138,8 +138,8 @@ def _too_small(spec: ModelSpec, block_nbytes: Mapping[str, int], device_memory: 
     offloaded = None
     if not args["kv_offload"]:
         offloaded = minimum_device_memory(spec, block_nbytes, **{**args, "kv_offload": True})
-    return DeviceMemoryTooSmall(device_memory, minimum,
-                                offloaded if offloaded is not None and offloaded < minimum else None)
+        offloaded = offloaded if offloaded < minimum else None
+    return DeviceMemoryTooSmall(device_memory, minimum, offloaded)
 
 
 def fixed_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], tier: str, *, batch: int,

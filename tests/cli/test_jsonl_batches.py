@@ -34,7 +34,7 @@ def run(model, src, out, *extra):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts generate calls; ``calls.then[i]`` (a callable) runs at call i instead of generating."""
+    """Records generate calls; ``calls.then[i]`` (a callable) runs first at call i."""
     real = Engine.generate
 
     class Calls(list):
