@@ -31,6 +31,10 @@ def add_graph(sub) -> None:
     p.add_argument("--output", "-o", type=Path, default=None, metavar="FILE",
                    help="file to write, by suffix: .png or .svg (a picture), .dot (Graphviz), "
                         ".json (the graph as data) (default: DOT text to stdout)")
+    p.add_argument("--layers", type=_layer_list, default=None, metavar="LIST",
+                   help="model layers a picture shows, e.g. 0-2,29; the others are elided "
+                        "(default: all of up to 4 layers, else the first two and the last; .dot "
+                        "and .json always hold every layer)")
     _add_plan_options(p)
     add_engine_options(p)
     p.set_defaults(run=run_graph)
@@ -67,6 +71,15 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                         "(default: the model's context, at most 2048)")
 
 
+def _layer_list(text: str) -> list[int]:
+    from pipo.runtime.picture import parse_layers
+
+    try:
+        return parse_layers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _plan(engine, args):
     max_len = args.max_len or min(engine.spec.max_positions, 2048)
     if max_len > engine.spec.max_positions:
@@ -96,10 +109,16 @@ def run_graph(args: argparse.Namespace) -> int:
         check_output_file(args.output, "--output")
     with open_engine(args) as engine:
         graph = build_step(engine.spec, _plan(engine, args), args.phase)
+        n_layers = engine.spec.n_layers
+    beyond = [layer for layer in args.layers or () if layer >= n_layers]
+    if beyond:
+        raise PipoError(f"--layers {beyond[0]}: the model has layers 0-{n_layers - 1}")
     if args.output is None:
         sys.stdout.write(to_dot(graph))
         return 0
-    render(graph, args.output)
+    title = (f"{args.phase} step, {args.schedule} schedule: {n_layers} layers, "
+             f"{'KV offloaded' if args.kv_offload or args.kv_disk else 'KV on the device'}")
+    render(graph, args.output, title=title, layers=args.layers)
     print(f"wrote {args.output} ({graph.number_of_nodes()} tasks, {graph.number_of_edges()} edges)")
     return 0
 

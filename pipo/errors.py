@@ -68,7 +68,9 @@ def _mib_down(nbytes: int) -> str:
     """A given budget in MiB rounded down to 0.1 MiB (bytes below that), so that it never reads
     the same as the (rounded-up) minimum it falls short of."""
     tenths = nbytes * 10 // MIB
-    return f"{tenths // 10}.{tenths % 10} MiB" if tenths else f"{nbytes} bytes"
+    if tenths:
+        return f"{tenths // 10}.{tenths % 10} MiB"
+    return f"{nbytes} byte{'s' if nbytes != 1 else ''}"
 
 
 class GenerationError(PipoError):
