@@ -14,6 +14,9 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "tib": 2**40}
 
 
+GROUP_SIZE_HELP = "int4 quantization group: weights per scale, 32, 64 or 128 (default: %(default)s)"
+
+
 def parse_size(text: str) -> int:
     """Bytes in a size like ``6GiB``, ``512MB``, ``1.5g`` or ``1000000``."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
@@ -43,9 +46,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="auto", choices=["auto", "int4"],
                    help="auto: compute on dense weights in --dtype; int4: keep 4-bit checkpoints "
                         "4-bit and quantize dense ones to 4 bits (default: %(default)s)")
-    g.add_argument("--group-size", type=int, default=64, metavar="N",
-                   help="int4 quantization group: weights per scale, 32, 64 or 128 "
-                        "(default: %(default)s)")
+    g.add_argument("--group-size", type=int, default=64, metavar="N", help=GROUP_SIZE_HELP)
     g.add_argument("--device-memory", type=parse_size, default=None, metavar="SIZE",
                    help="bytes of device memory for resident weights, weight slots and device KV, "
                         "with a unit: 6GiB, 512MB, 300MiB; blocks that save the most traffic stay "

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipo.cli_options import (add_engine_options, add_model_option, open_engine, parse_size,
-                              positive_int)
+from pipo.cli_options import (GROUP_SIZE_HELP, add_engine_options, add_model_option, open_engine,
+                              parse_size, positive_int)
 from pipo.cli_paths import check_output_file
 from pipo.errors import PipoError
 
@@ -48,9 +48,7 @@ def add_convert(sub) -> None:
     p.add_argument("--weights", choices=["keep", "fp16", "fp32", "int4"], default="keep",
                    help="weight format of the store: keep (as in the checkpoint), fp16, fp32, or "
                         "int4 (4-bit groups) (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=64, metavar="N",
-                   help="int4 quantization group: weights per scale, 32, 64 or 128 "
-                        "(default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=64, metavar="N", help=GROUP_SIZE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(run=run_convert)
 
