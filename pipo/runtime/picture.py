@@ -7,7 +7,7 @@ column holds at most one task per lane. Arrows are the edges between lanes (a ta
 another lane); an edge within a lane is implied by the row's order.
 
 Deep models. Only some layers are drawn (:func:`default_layers`: the first two and the last), the
-left-out middle shows as one column "… 26 layers …". Layers come from ``Task.model_layer``; a task
+left-out middle shows as one column "… 27 layers …". Layers come from ``Task.model_layer``; a task
 without one (embed, head) is drawn with the layers it follows in the graph. Columns are compacted
 per drawn stretch of layers, so each stretch keeps its own timing.
 
@@ -25,6 +25,7 @@ from typing import Iterable
 
 import networkx as nx
 
+from pipo.runtime.render import KIND_COLORS, color_for, ordered_lanes
 from pipo.runtime.scheduler import _longest_path_to_end
 
 DPI = 100
@@ -185,8 +186,6 @@ def graph_figure(graph: nx.DiGraph, title: str | None = None,
     draw (default: :func:`default_layers`)."""
     from matplotlib.figure import Figure
 
-    from pipo.runtime.render import ordered_lanes
-
     groups = stretches(graph, default_layers(layer_count(graph)) if layers is None else layers)
     x, gaps, n_cols = positions(groups, unit_time_columns(graph))
     tasks = {n: graph.nodes[n]["task"] for n in x}
@@ -247,8 +246,6 @@ def _draw_edges(ax, graph: nx.DiGraph, groups: list[Stretch], x: dict[str, int],
 def _draw_task(ax, column: int, row: int, task) -> None:
     from matplotlib.patches import Rectangle
 
-    from pipo.runtime.render import KIND_COLORS, color_for
-
     ax.add_patch(Rectangle((column + (1 - BOX_W) / 2, row + (1 - BOX_H) / 2), BOX_W, BOX_H,
                            facecolor=color_for(task.kind, KIND_COLORS), edgecolor="white",
                            linewidth=0.8, zorder=2, gid=f"box:{task.name}"))
@@ -259,8 +256,6 @@ def _draw_task(ax, column: int, row: int, task) -> None:
 def _draw_legend(fig, kinds: list[type], title: str | None) -> None:
     """Kinds with their colours and what they do (their docstrings), under the title."""
     from matplotlib.patches import Patch
-
-    from pipo.runtime.render import KIND_COLORS, color_for
 
     if title:
         fig.text(6 / fig.bbox.width, 1 - 8 / fig.bbox.height, title, ha="left", va="top",
@@ -277,8 +272,6 @@ def _draw_legend(fig, kinds: list[type], title: str | None) -> None:
 
 def _kind_rank(kind: type) -> tuple[int, str]:
     """Built-in kinds in the usual order (compute, loads, saves), then the others by name."""
-    from pipo.runtime.render import KIND_COLORS
-
     order = list(KIND_COLORS)
     return (order.index(kind.__name__) if kind.__name__ in order else len(order), kind.__name__)
 
