@@ -105,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
 
     from pipo.bench.report import environment, write_json
     from pipo.cli_options import set_threads
+    from pipo.cli_paths import check_output_file
 
+    for path, flag in ((args.out, "--out"), (args.log, "--log")):
+        if path is not None:
+            check_output_file(path, flag)
     set_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise PipoError("--device cuda was asked for but no CUDA device is available")

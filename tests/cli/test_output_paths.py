@@ -95,3 +95,11 @@ def test_a_writable_kv_disk_directory_still_works(capsys, model, tmp_path):
                  str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("hi")
     assert list(tmp_path.iterdir()) == []  # no probe file or scratch file left behind
+
+
+@needs_unwritable
+def test_bench_out_is_checked_before_measuring(capsys, tmp_path):
+    one_line_error(capsys, ["bench", "--device", "cpu", "--workload", "quick", "--shape",
+                            "tiny-opt", "--out", f"{UNWRITABLE}/bench.json"], "--out",
+                   "cannot create files")
+    one_line_error(capsys, ["bench", "--log", str(tmp_path)], "--log", "is a directory")
