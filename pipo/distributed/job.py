@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -72,18 +74,18 @@ def run_ray_batch(args, sampling, prompts: list[PromptLine], predictor=PipoPredi
     cpus, gpus = worker_resources(args)
     ray = import_ray()
     config = generation_config(args, sampling)
-    batches = length_buckets(prompt_lengths(args, prompts), args.batch_size)
     order = InputOrder(len(prompts))
     errors = []
     workers = args.workers or 1
     with ray_session(ray, args.ray, workers, cpus, gpus):
+        batches = length_buckets(prompt_lengths(args, prompts), args.batch_size)
         dataset = _dataset(ray, prompts, batches, predictor, config, args.batch_size, workers,
                            (cpus, gpus))
         with PartialOutput(args.output, len(prompts)) as output, _ray_errors(ray):
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 records = _records(batch)
-                errors += [r for r in records if "error" in r[1]]
-                output.append([r for index, record in records
+                errors += [(index, error) for index, _, error in records if error]
+                output.append([r for index, record, _ in records
                                for r in order.add(index, record)])
             check(order.complete, f"{len(prompts) - order.released} rows did not come back")
     _report(args, prompts, errors)
@@ -109,19 +111,36 @@ def ray_session(ray, address: str, workers: int, cpus: float, gpus: float):
         yield
         return
     quiet = dict(logging_level=logging.INFO if tty else logging.ERROR)
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(workers * cpus + 0.999)),
-                 include_dashboard=False, **quiet)
-        have = ray.cluster_resources().get("GPU", 0)
-        check(workers * gpus <= have,
-              f"this machine has {have:g} GPUs; --workers {workers} x --gpus-per-worker "
-              f"{gpus:g} needs {workers * gpus:g}")
+    _check_reachable(address)
     try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(workers * cpus)),
+                     include_dashboard=False, **quiet)
+    except ConnectionError as exc:
+        raise PipoError(f"--ray {address}: {str(exc).splitlines()[0]}") from None
+    try:
+        if not address:
+            have = ray.cluster_resources().get("GPU", 0)
+            check(workers * gpus <= have,
+                  f"this machine has {have:g} GPUs; --workers {workers} x --gpus-per-worker "
+                  f"{gpus:g} needs {workers * gpus:g}")
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a ``HOST:PORT`` where nothing listens: Ray itself would retry it for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # a local cluster, "auto" or a ray:// client address: Ray answers those quickly
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise PipoError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                        f"start one with `ray start --head` or check the address") from None
 
 
 def _configure_data(ray, tty: bool) -> None:
@@ -156,8 +175,8 @@ def _dataset(ray, prompts, batches, predictor, config, batch_size: int, workers:
         num_cpus=cpus, num_gpus=gpus or None, udf_modifying_row_count=False)
 
 
-def _records(batch) -> list[tuple[int, dict]]:
-    """(input index, output record) of each row of a finished batch."""
+def _records(batch) -> list[tuple[int, dict, str]]:
+    """(input index, output record, error or "") of each row of a finished batch."""
     out = []
     for index, record, completion, error in zip(batch["index"], batch["record"],
                                                 batch["completion"], batch["error"]):
@@ -166,7 +185,7 @@ def _records(batch) -> list[tuple[int, dict]]:
             record["error"] = str(error)
         else:
             record["completion"] = str(completion)
-        out.append((int(index), record))
+        out.append((int(index), record, str(error)))
     return out
 
 
@@ -194,11 +213,10 @@ def _pipo_cause(ray, exc: BaseException | None) -> PipoError | None:
     return None
 
 
-def _report(args, prompts, errors: list[tuple[int, dict]]) -> None:
+def _report(args, prompts, errors: list[tuple[int, str]]) -> None:
     """One line on stderr when rows got an error field, naming the first by ``file:line``."""
     if not errors:
         return
-    index, record = min(errors, key=lambda e: e[0])
+    index, error = min(errors)
     print(f"pipo: {len(errors)} of {len(prompts)} rows have an \"error\" field instead of a "
-          f"completion (first: {args.input}:{prompts[index].line}: {record['error']})",
-          file=sys.stderr)
+          f"completion (first: {args.input}:{prompts[index].line}: {error})", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""PipoPredictor subclasses that Ray workers import by name: one dies once, one records closing.
+"""PipoPredictor subclasses that Ray workers import by name: one dies once, one records its
+engine's life.
 
 They find their scratch directory in the environment the test's cluster was started with.
 """
@@ -32,7 +33,11 @@ class DiesOnce(PipoPredictor):
 
 
 class RecordsClose(PipoPredictor):
-    """Writes ``closed-PID`` when it closes its engine."""
+    """Writes ``opened-PID`` once its engine is open and ``closed-PID`` when it closes it."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        _marker(f"opened-{os.getpid()}").touch()
 
     def close(self) -> None:
         had_engine = getattr(self, "engine", None) is not None

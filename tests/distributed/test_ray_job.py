@@ -22,7 +22,7 @@ from tests.distributed.predictors import MARKERS_ENV, DiesOnce, RecordsClose  # 
 
 # rows of very different lengths (1 to 150 tokens), some equal, so buckets and order matter
 PROMPTS = ["Hello", "a", "The quick brown fox jumps over the lazy dog", "Hello", "xyz", "b" * 150,
-           "Hi there", "q", "abc", "A" * 90 + "!", "Hello", "zz"]
+           "Hi there", "q", "Grüße", "A" * 90 + "!", "Hello", "zz"]
 OPTIONS = ["-n", "6", "--batch-size", "3"]
 
 
@@ -38,7 +38,10 @@ def markers(tmp_path_factory):
 
 
 def write_prompts(path, prompts):
-    path.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    """One line per prompt, with fields of other kinds that must come back as they were."""
+    path.write_text("".join(json.dumps({"id": i, "prompt": p, "meta": {"tags": ["é", None, 1.5]}},
+                                       ensure_ascii=False) + "\n"
+                            for i, p in enumerate(prompts)))
     return path
 
 
@@ -101,10 +104,15 @@ def test_a_worker_killed_mid_batch_is_retried_and_every_row_is_written_once_in_o
 def test_each_worker_closes_its_engine_when_the_job_ends(markers, tiny_model, tmp_path):
     src, out = write_prompts(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out.jsonl"
     assert job_with(RecordsClose, tiny_model, src, out) == 0
-    deadline = time.monotonic() + 30
-    while len(list(markers.glob("closed-*"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(list(markers.glob("closed-*"))) == 2
+
+    def pids(state):
+        return {p.name.split("-")[1] for p in markers.glob(f"{state}-*")}
+
+    # a worker still starting when the last batch is done opens its engine, then closes it
+    deadline = time.monotonic() + 120
+    while pids("closed") != pids("opened") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pids("opened") and pids("closed") == pids("opened")
 
 
 def test_a_batch_that_fails_in_a_worker_is_one_line_and_leaves_no_file(markers, tiny_model,
@@ -116,3 +124,15 @@ def test_a_batch_that_fails_in_a_worker_is_one_line_and_leaves_no_file(markers, 
         err.startswith("pipo: error: --device-memory"), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.slow
+def test_the_default_model_on_two_workers_writes_what_one_process_writes(markers, tmp_path):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Hi", "Once upon a time, a small "
+               "robot", "The capital of Spain is", "1, 2, 3,"]
+    src = write_prompts(tmp_path / "in.jsonl", prompts)
+    options = ["--input", str(src), "-n", "8", "--batch-size", "2", "--threads", "1"]
+    assert main(["generate", *options, "--output", str(tmp_path / "one.jsonl")]) == 0
+    assert main(["generate", *options, "--output", str(tmp_path / "ray.jsonl"), "--ray",
+                 "--workers", "2"]) == 0
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()

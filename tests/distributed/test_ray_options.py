@@ -58,3 +58,16 @@ def test_a_device_memory_refusal_survives_pickling_as_itself():
     # a worker's refusal travels to the driver pickled
     error = pickle.loads(pickle.dumps(DeviceMemoryTooSmall(1024, 2**20, 3 * 2**19)))
     assert error.for_cli() == DeviceMemoryTooSmall(1024, 2**20, 3 * 2**19).for_cli()
+
+
+def test_an_address_where_no_cluster_listens_is_one_line(capsys, src):
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e .[ray]")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        assert generate(src, "--ray", address) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pipo: error: --ray {address}: no Ray cluster answers there")
+    assert err.count("\n") == 1
