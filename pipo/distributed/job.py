@@ -110,7 +110,7 @@ def ray_session(ray, address: str, workers: int, cpus: float, gpus: float):
     if ray.is_initialized():
         yield
         return
-    quiet = dict(logging_level=logging.INFO if tty else logging.ERROR)
+    quiet = dict(logging_level=logging.WARNING if tty else logging.ERROR)
     _check_reachable(address)
     try:
         if address:
