@@ -1,5 +1,5 @@
-"""PipoPredictor subclasses that Ray workers import by name: one dies once, one records its
-engine's life.
+"""PipoPredictor subclasses that Ray workers import by name: one dies once, one records what it
+did.
 
 They find their scratch directory in the environment the test's cluster was started with.
 """
@@ -32,12 +32,17 @@ class DiesOnce(PipoPredictor):
         os._exit(1)  # the worker dies with the batch in flight
 
 
-class RecordsClose(PipoPredictor):
-    """Writes ``opened-PID`` once its engine is open and ``closed-PID`` when it closes it."""
+class Records(PipoPredictor):
+    """Writes ``opened-PID`` once its engine is open, ``closed-PID`` when it closes it and
+    ``batch-I,J,...`` (input indices) for each batch it generates."""
 
     def __init__(self, config):
         super().__init__(config)
         _marker(f"opened-{os.getpid()}").touch()
+
+    def __call__(self, batch):
+        _marker("batch-" + ",".join(str(i) for i in batch["index"])).touch()
+        return super().__call__(batch)
 
     def close(self) -> None:
         had_engine = getattr(self, "engine", None) is not None

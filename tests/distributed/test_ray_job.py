@@ -15,10 +15,11 @@ pytest.importorskip("ray.data", reason="the ray extra is not installed: pip inst
 
 from pipo.cli import build_parser, main  # noqa: E402
 from pipo.cli_batch import read_prompts  # noqa: E402
+from pipo.distributed.buckets import length_buckets  # noqa: E402
 from pipo.distributed.job import run_ray_batch  # noqa: E402
 from pipo.ops.sampling import SamplingParams  # noqa: E402
 from tests.distributed.conftest import CONTEXT  # noqa: E402
-from tests.distributed.predictors import MARKERS_ENV, DiesOnce, RecordsClose  # noqa: E402
+from tests.distributed.predictors import MARKERS_ENV, DiesOnce, Records  # noqa: E402
 
 # rows of very different lengths (1 to 150 tokens), some equal, so buckets and order matter
 PROMPTS = ["Hello", "a", "The quick brown fox jumps over the lazy dog", "Hello", "xyz", "b" * 150,
@@ -101,9 +102,13 @@ def test_a_worker_killed_mid_batch_is_retried_and_every_row_is_written_once_in_o
     assert out.read_text() == reference
 
 
-def test_each_worker_closes_its_engine_when_the_job_ends(markers, tiny_model, tmp_path):
+def test_workers_get_the_length_buckets_unchanged_and_close_their_engines(markers, tiny_model,
+                                                                          tmp_path):
     src, out = write_prompts(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out.jsonl"
-    assert job_with(RecordsClose, tiny_model, src, out) == 0
+    assert job_with(Records, tiny_model, src, out) == 0
+    planned = length_buckets([len(p) for p in PROMPTS], 3)  # a character is a token
+    assert {p.name for p in markers.glob("batch-*")} == \
+        {"batch-" + ",".join(map(str, b)) for b in planned}
 
     def pids(state):
         return {p.name.split("-")[1] for p in markers.glob(f"{state}-*")}
