@@ -37,9 +37,15 @@ def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write an offload store (one aligned blob per block)")
     p.add_argument("model", help="GGUF file or Hugging Face safetensors directory")
     p.add_argument("out", type=Path, help="store directory to create")
-    p.add_argument("--weights", choices=["keep", "fp16", "fp32", "int4"], default="keep")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--weights", choices=["keep", "fp16", "fp32", "int4"], default="keep",
+                   help="keep: tensors as the source stores them (4-bit and 8-bit GGUF blocks bit for "
+                        "bit); fp16/fp32: dequantize and cast; int4: keep, and quantize dense linear "
+                        "weights to 4 bits (default: keep)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="values per scale of weights quantized by --weights int4: 32, 64 or 128 "
+                        "(default: 64; already 4-bit GGUF blocks keep their 32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an existing pipo store (anything else is refused)")
     p.set_defaults(run=run_convert)
 
 

@@ -45,7 +45,7 @@ class Engine:
 
     def __init__(self, source, options: EngineOptions | None = None):
         self.source = source
-        self.options = options or EngineOptions()
+        self.options = (options or EngineOptions()).for_source(source)
         self.spec = source.spec
         self.tokenizer = source.tokenizer
         self.device = self.options.torch_device()
@@ -209,7 +209,7 @@ def _weights_key(plan: Plan) -> tuple:
 
 def _store_is_int4(source) -> bool:
     """Whether an offload store holds 4-bit linear weights."""
-    return any(t.quant is not None for b in source.index.blocks for t in b.tensors)
+    return source.int4_group_size is not None
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, max_len: int | None = None

@@ -159,8 +159,11 @@ def quantize(w: torch.Tensor, group_size: int = 64) -> QuantTensor:
 def dequantize(q: QuantTensor) -> torch.Tensor:
     """The fp32 matrix ``[out, in]`` that ``q`` stands for: ``q * scale + min`` per group (reference)."""
     out_f, in_f = q.shape
-    codes = unpack_int4(q.qweight).view(out_f, q.n_groups, q.group_size).float()  # [out, G, gs]
-    w = codes * q.scales.float().unsqueeze(-1) + q.mins.float().unsqueeze(-1)  # [out, G, gs]
+    packed = q.qweight.contiguous().view(torch.uint8)  # [out, in_padded / 2]
+    w = torch.empty(out_f, q.in_padded // 2, 2, dtype=torch.float32, device=q.device)
+    w[..., 0], w[..., 1] = packed & 15, packed >> 4  # codes straight into fp32: no uint8 temporary
+    w = w.view(out_f, q.n_groups, q.group_size)  # [out, G, gs]
+    w.mul_(q.scales.float().unsqueeze(-1)).add_(q.mins.float().unsqueeze(-1))  # code * scale is exact
     return w.view(out_f, q.in_padded)[:, :in_f]  # [out, in]
 
 
@@ -185,11 +188,18 @@ def _fp16_field(blocks: np.ndarray, offset: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.float16)[..., 0])
 
 
-def _gguf_codes(nibbles: np.ndarray) -> torch.Tensor:
-    """GGUF nibble bytes ``[rows, n_blocks, 16]`` (byte j: element j low, j + 16 high) -> codes ``[rows, in]``."""
+def _gguf_qweight(nibbles: np.ndarray) -> torch.Tensor:
+    """GGUF nibble bytes ``[rows, n_blocks, 16]`` (byte j: element j low, j + 16 high) -> ``qweight``.
+
+    Repacked in place of unpack + :func:`pack_int4`: each pair of GGUF bytes (one uint16) gives one
+    byte of elements ``2k, 2k + 1`` (their low nibbles) and one of ``16 + 2k, 17 + 2k`` (high nibbles).
+    """
     rows = nibbles.shape[0]
-    codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)  # [rows, n_blocks, 32]
-    return torch.from_numpy(codes.reshape(rows, -1))
+    pairs = np.ascontiguousarray(nibbles).view(np.uint16)  # [rows, n_blocks, 8], little-endian
+    low = (pairs & 0x000F) | ((pairs & 0x0F00) >> 4)  # elements 2k, 2k + 1
+    high = ((pairs & 0x00F0) >> 4) | ((pairs & 0xF000) >> 8)  # elements 16 + 2k, 17 + 2k
+    packed = np.concatenate([low.astype(np.uint8), high.astype(np.uint8)], axis=-1)  # [rows, n_blocks, 16]
+    return torch.from_numpy(packed.reshape(rows, -1)).view(torch.int32)
 
 
 def from_gguf_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
@@ -197,7 +207,7 @@ def from_gguf_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     ``w = q * d + m``) as a group-32 QuantTensor. Dequantizes bit-exactly like ``gguf.quants``."""
     blocks = _gguf_blocks(raw, shape, 20)
     scales, mins = _fp16_field(blocks, 0), _fp16_field(blocks, 2)
-    qweight = pack_int4(_gguf_codes(blocks[:, :, 4:]))
+    qweight = _gguf_qweight(blocks[:, :, 4:])
     return QuantTensor(qweight, scales, mins, (int(shape[0]), int(shape[1])), GGUF_BLOCK)
 
 
@@ -210,7 +220,7 @@ def from_gguf_q4_0(raw: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     mins = scales * -8.0  # exact in fp16: a power-of-two scaling
     if not bool(torch.isfinite(mins).all()):
         raise ValueError("Q4_0 scale too large: -8 * d overflows fp16")
-    qweight = pack_int4(_gguf_codes(blocks[:, :, 2:]))
+    qweight = _gguf_qweight(blocks[:, :, 2:])
     return QuantTensor(qweight, scales, mins, (int(shape[0]), int(shape[1])), GGUF_BLOCK)
 
 
