@@ -56,14 +56,16 @@ def _part(block: str) -> str:
 
 
 def _expected(tensors: dict[str, torch.Tensor], weights: str) -> dict[str, torch.Tensor]:
-    """What a store converted with ``weights`` must return for fp32 ``tensors`` (quantized: parts)."""
+    """What a store converted with ``weights`` must return for fp32 ``tensors`` (quantized: parts).
+
+    ``int4`` quantizes the linear weights and keeps every other tensor as the source gives it."""
     out = {}
     for name, tensor in tensors.items():
         if weights == "int4" and name.startswith("w") and tensor.ndim == 2:
             for part, value in quant.quantize(tensor, GROUP_SIZE).to_parts().items():
                 out[f"{name}.{part}"] = value
         else:
-            out[name] = tensor.to({"keep": torch.float32, "fp32": torch.float32}.get(weights, torch.float16))
+            out[name] = tensor.to(torch.float16) if weights == "fp16" else tensor
     return out
 
 
@@ -257,11 +259,15 @@ def test_failed_convert_leaves_nothing(source, tmp_path):
     assert list(parent.iterdir()) == []
 
 
-def test_existing_out_dir_refused(source, tmp_path):
+def test_existing_out_dir_refused_and_only_a_store_is_replaced(source, tmp_path):
     out = tmp_path / "store"
     out.mkdir()
     with pytest.raises(PipoError, match="already exists"):
         convert(source, out)
+    with pytest.raises(PipoError, match="refusing to overwrite .*not a pipo store"):
+        convert(source, out, overwrite=True)  # an empty directory is not a store either
+    out.rmdir()
+    convert(source, out, weights="keep")
     convert(source, out, weights="fp16", overwrite=True)
     assert OffloadStore(out).index.weights == "fp16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
