@@ -30,9 +30,11 @@ def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> 
     Embeddings and the LM head stay dense: they are gathers or a single large product whose accuracy
     matters most.
     """
-    if not int4_group:
-        tensors = {k: to_dense(v, dtype) if isinstance(v, QuantTensor) else v for k, v in tensors.items()}
-    return fuse_projections(_converted(tensors, dtype, int4_group))
+    block = fuse_projections(_converted(tensors, dtype, int4_group))  # int4 parts fuse cheaply
+    if not int4_group:  # dequantize the fused matrices (no dense concatenation), fuse what is left
+        block = fuse_projections({k: to_dense(v, dtype) if isinstance(v, QuantTensor) else v
+                                  for k, v in block.items()})
+    return block
 
 
 def _converted(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
