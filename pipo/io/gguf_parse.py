@@ -25,6 +25,7 @@ from pipo.errors import ModelFormatError
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 # metadata value type -> struct format / numpy dtype
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
@@ -130,7 +131,22 @@ class _Cursor:
             values = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos)
             self.pos += count * dtype.itemsize
             return values.tolist()
+        if kind == _STRING:
+            return self.strings(count)
         return [self.value(kind) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings back to back (a vocabulary: the one loop of the parse worth keeping tight)."""
+        buffer, pos, unpack = self.buffer, self.pos, _U64.unpack_from
+        out = []
+        for _ in range(count):
+            (n,) = unpack(buffer, pos)
+            out.append(buffer[pos + 8 : pos + 8 + n].decode("utf-8"))
+            pos += 8 + n
+        if pos > len(buffer):
+            raise ValueError("a string runs past the end of the file")
+        self.pos = pos
+        return out
 
 
 def _parse(buffer: Any) -> GGUFContents:
