@@ -31,6 +31,7 @@ import torch
 
 from pipo.errors import ModelFormatError
 from pipo.io.aligned import ALIGN_NBYTES, aligned_empty, is_aligned
+from pipo.io.progress import LoadProgress
 from pipo.io.spec import ModelSpec
 from pipo.io.store_format import (
     DATA_NAME,
@@ -67,6 +68,7 @@ class OffloadStore:
         self._async_fd: int | None = None
         self._direct: bool | None = None
         self._tokenizer: Any = None
+        self._progress = LoadProgress(self.spec.name or self._path.name, self.spec.block_names())
 
     @property
     def spec(self) -> ModelSpec:
@@ -127,6 +129,7 @@ class OffloadStore:
         entry = self._entry(block)
         blob = aligned_empty(entry.nbytes)
         _pread_full(self._fd, memoryview(blob.numpy()), entry.offset_nbytes, self._where(entry))
+        self._progress.done(block)
         return _tensors_from_blob(blob, entry.tensors)
 
     async def read_block_into(
