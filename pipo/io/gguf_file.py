@@ -29,7 +29,7 @@ import torch
 from pipo.errors import ModelFormatError
 from pipo.io.gguf_parse import GGUFTensorInfo, parse_gguf
 from pipo.io.progress import LoadProgress
-from pipo.io.q8 import Q8Tensor, from_gguf_q8_0
+from pipo.io.q8 import from_gguf_q8_0, to_dense
 from pipo.io.spec import ModelSpec, compile_name_rules, match_name_rules
 from pipo.io.tokenizer import Tokenizer, tokenizer_from_gguf
 from pipo.ops import quant
@@ -214,7 +214,4 @@ def _decode(raw: np.ndarray, type_name: str, shape: tuple[int, ...], kept: str |
         return values.float() if kept is None and type_name == "F16" else values.clone()
     matrix = shape if len(shape) == 2 else (1, shape[0])
     record = _BUILDERS[type_name](raw.reshape(matrix[0], -1), matrix)
-    if kept:
-        return record
-    dense = record.dequantize() if isinstance(record, Q8Tensor) else quant.dequantize(record)
-    return dense.reshape(shape)
+    return record if kept else to_dense(record).reshape(shape)

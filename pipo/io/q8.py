@@ -14,15 +14,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from pipo.ops.quant import QuantTensor, dequantize
+from pipo.ops.quant import PartsRecord, QuantTensor, dequantize
 
 Q8_BLOCK = 32  # values per Q8_0 block
 Q8_BLOCK_NBYTES = 34  # fp16 scale + 32 int8 codes
-SCHEME = "q8_0"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Q8Tensor:
+class Q8Tensor(PartsRecord):
     """A Q8_0 matrix ``[out, in]``: ``codes`` int8 ``[out, in]``, ``scales`` fp16 ``[out, in / 32]``."""
 
     codes: torch.Tensor
@@ -31,7 +30,6 @@ class Q8Tensor:
     group_size: int = Q8_BLOCK
 
     tensor_fields: ClassVar[tuple[str, ...]] = ("codes", "scales")
-    scheme: ClassVar[str] = SCHEME
 
     def __post_init__(self) -> None:
         out_f, in_f = self.shape
@@ -42,20 +40,6 @@ class Q8Tensor:
             t = getattr(self, name)
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f"Q8Tensor.{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the tensor fields."""
-        return sum(t.numel() * t.element_size() for t in self.to_parts().values())
-
-    def to_parts(self) -> dict[str, torch.Tensor]:
-        """The tensor fields by name (for serialization)."""
-        return {name: getattr(self, name) for name in self.tensor_fields}
-
-    @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, ...], group_size: int) -> Q8Tensor:
-        """Rebuild a record from :meth:`to_parts` output (views are kept)."""
-        return cls(parts["codes"], parts["scales"], (int(shape[0]), int(shape[1])), int(group_size))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The matrix ``[out, in]`` in ``dtype`` (computed in fp32: exact, then one cast)."""

@@ -39,8 +39,31 @@ CPU_DOT_MAX_ROWS = 16  # above this many activation rows the CPU path dequantize
 _CPU_KERNEL_LOCK = threading.Lock()  # numba's workqueue threading layer must not be entered twice
 
 
+class PartsRecord:
+    """What quantized weight records share: named tensor fields (``tensor_fields``) that are stored
+    and moved as parts, a logical ``shape`` and a ``group_size``."""
+
+    __slots__ = ()
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensor fields (what a copy of this weight moves)."""
+        return sum(t.numel() * t.element_size() for t in self.to_parts().values())
+
+    def to_parts(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name, in ``tensor_fields`` order (for serialization)."""
+        return {name: getattr(self, name) for name in self.tensor_fields}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, ...], group_size: int):
+        """Rebuild a record from :meth:`to_parts` output (views are kept, nothing is copied)."""
+        return cls(**{name: parts[name] for name in cls.tensor_fields},
+                   shape=(int(shape[0]), int(shape[1])), group_size=int(group_size))
+
+
 @dataclass(frozen=True, slots=True, eq=False)
-class QuantTensor:
+class QuantTensor(PartsRecord):
     """An int4 weight ``[out, in]``: packed codes, fp16 scales and fp16 mins per group (see module doc)."""
 
     qweight: torch.Tensor  # int32 [out, in_padded // 8]
@@ -77,21 +100,6 @@ class QuantTensor:
     def device(self) -> torch.device:
         """Where the tensors live."""
         return self.qweight.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the tensor fields (what a copy of this weight moves)."""
-        return sum(t.numel() * t.element_size() for t in self.to_parts().values())
-
-    def to_parts(self) -> dict[str, torch.Tensor]:
-        """The tensor fields by name, in ``tensor_fields`` order (for serialization)."""
-        return {name: getattr(self, name) for name in self.tensor_fields}
-
-    @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int) -> QuantTensor:
-        """Rebuild a record from :meth:`to_parts` output (views are kept, nothing is copied)."""
-        return cls(**{name: parts[name] for name in cls.tensor_fields},
-                   shape=(int(shape[0]), int(shape[1])), group_size=int(group_size))
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> QuantTensor:
         """A new record with every tensor field on ``device``."""
