@@ -44,9 +44,9 @@ class Q8Tensor(PartsRecord):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The matrix ``[out, in]`` in ``dtype`` (computed in fp32: exact, then one cast)."""
         out_f, in_f = self.shape
-        values = self.codes.view(out_f, in_f // Q8_BLOCK, Q8_BLOCK).float()
-        values.mul_(self.scales.float().unsqueeze(-1))
-        return values.view(out_f, in_f).to(dtype)
+        values = self.codes.numpy().reshape(out_f, in_f // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
+        values *= self.scales.numpy().astype(np.float32)[..., None]  # numpy: see quant.dequantize
+        return torch.from_numpy(values).view(out_f, in_f).to(dtype)
 
 
 def from_gguf_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> Q8Tensor:
