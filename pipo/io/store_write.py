@@ -11,9 +11,9 @@ source tensors plus its blob.
 
 Weight modes: ``keep`` stores tensors as the source gives them — GGUF Q4_0 / Q4_1 blocks as int4
 records and Q8_0 ones as q8_0 records, bit for bit; ``fp16`` / ``fp32`` dequantize records and cast
-floating tensors; ``int4`` is ``keep`` plus quantizing the dense 2-D linear weights (names starting with
-``w``; embeddings ``tok`` / ``pos`` never) with :func:`pipo.ops.quant.quantize`: weights that are
-already quantized are never quantized again.
+floating tensors; ``int4`` is ``keep`` plus quantizing the layers' linear weights that are not 4-bit yet
+(dense or Q8_0) with :func:`pipo.ops.quant.quantize`, as the engine's ``--weights int4`` does:
+embeddings and the LM head stay as they are, and 4-bit weights are never quantized again.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from pipo.errors import ModelFormatError, PipoError
 from pipo.io.aligned import align_up
-from pipo.io.q8 import to_dense
+from pipo.io.q8 import Q8Tensor, to_dense
 from pipo.io.store_format import (
     DATA_NAME,
     INDEX_NAME,
@@ -154,14 +154,19 @@ def _converted(name: str, value: Any, weights: str, group_size: int) -> Any:
     """One tensor as ``weights`` stores it: a dense tensor or a quantized record."""
     if weights in _CAST_DTYPES:
         return to_dense(value, _CAST_DTYPES[weights])
-    if weights == "int4" and isinstance(value, torch.Tensor) and _is_linear_weight(name, value):
-        return quantize(value, group_size)
+    if weights == "int4" and _is_layer_matrix(name, value):
+        return quantize(to_dense(value), group_size)
     return value
 
 
-def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
-    """Whether ``int4`` mode quantizes this tensor: 2-D linear weights, never embeddings."""
-    return name.startswith("w") and tensor.ndim == 2 and tensor.is_floating_point()
+def _is_layer_matrix(name: str, value: Any) -> bool:
+    """Whether ``int4`` mode quantizes this tensor: a layer's linear weight, dense or 8-bit (as the
+    engine's ``--weights int4`` does); never embeddings or the LM head, never a weight already 4-bit."""
+    if not name.startswith("w") or name == "w_out":
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 2 and value.is_floating_point()
+    return isinstance(value, Q8Tensor)
 
 
 def _record_arrays(name: str, record: Any) -> list[_Array]:

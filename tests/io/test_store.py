@@ -58,10 +58,11 @@ def _part(block: str) -> str:
 def _expected(tensors: dict[str, torch.Tensor], weights: str) -> dict[str, torch.Tensor]:
     """What a store converted with ``weights`` must return for fp32 ``tensors`` (quantized: parts).
 
-    ``int4`` quantizes the linear weights and keeps every other tensor as the source gives it."""
+    ``int4`` quantizes the layers' linear weights and keeps every other tensor (the LM head too) as
+    the source gives it."""
     out = {}
     for name, tensor in tensors.items():
-        if weights == "int4" and name.startswith("w") and tensor.ndim == 2:
+        if weights == "int4" and name.startswith("w") and name != "w_out" and tensor.ndim == 2:
             for part, value in quant.quantize(tensor, GROUP_SIZE).to_parts().items():
                 out[f"{name}.{part}"] = value
         else:
@@ -351,3 +352,14 @@ def test_streaming_keeps_rss_flat(tmp_path_factory, direct):
         grown = _rss_nbytes() - before
     total = 3 * len(blocks) * store.max_block_nbytes
     assert grown < 2 << 20, f"RSS grew {grown} bytes while streaming {total} bytes"
+
+
+def test_int4_quantizes_8bit_layer_weights_but_keeps_4bit_ones_and_the_head(tmp_path):
+    from tests.io.test_gguf import write_tiny_gguf
+
+    source = open_model(write_tiny_gguf(tmp_path / "tiny.gguf"))  # ffn_down Q8_0, ffn_up Q4_0, embedding Q8_0
+    with OffloadStore(convert(source, tmp_path / "store", weights="int4", group_size=64)) as store:
+        mlp, head, want = store.read_block("L0.mlp"), store.read_block("head"), source.read_block("L0.mlp")
+        assert mlp["w_down"].group_size == 64 and mlp["w_up"].group_size == 32
+        assert all(torch.equal(a, b) for a, b in zip(mlp["w_up"].to_parts().values(), want["w_up"].to_parts().values()))
+        assert type(head["w_out"]).__name__ == "Tensor"  # output.weight is F32 in the tiny file: kept dense
