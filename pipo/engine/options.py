@@ -9,11 +9,11 @@ from typing import Callable
 import torch
 
 from pipo.errors import PipoError
+from pipo.ops.quant import INT4_GROUP_SIZES
 from pipo.plan import DISK, HOST, PLACEMENTS, SCHEDULE_NAMES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_MODES = ("auto", "int4")
-INT4_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,13 @@ class EngineOptions:
     """Device, dtypes, memory budget and schedule settings of an :class:`Engine`.
 
     ``weights="int4"`` keeps 4-bit checkpoints 4-bit and quantizes dense ones (group ``group_size``);
-    ``"auto"`` computes on dense weights in ``dtype`` (4-bit GGUF blocks are dequantized at placement),
-    except for an offload store holding int4 weights, whose own format is the default (:meth:`for_source`). ``device_memory`` (bytes) caps resident
-    weights + weight slots + device KV; ``None`` keeps everything resident. ``placement`` other
-    than ``"auto"`` puts every block in one tier (``resident``, ``host``, ``disk``), like FlexGen's
-    fixed ``--percent``. ``staged_disk`` reads disk blocks into host staging buffers before copying
-    them to a slot (default: on CUDA only; on CPU the disk lane reads straight into the slot).
+    ``"auto"`` computes on dense weights in ``dtype`` (4-bit GGUF blocks are dequantized at
+    placement), except on an offload store holding int4 weights: a store's own format is its default
+    (:meth:`for_source`). ``device_memory`` (bytes) caps resident weights + weight slots + device
+    KV; ``None`` keeps everything resident. ``placement`` other than ``"auto"`` puts every block in
+    one tier (``resident``, ``host``, ``disk``), like FlexGen's fixed ``--percent``. ``staged_disk``
+    reads disk blocks into host staging buffers before copying them to a slot (default: on CUDA
+    only; on CPU the disk lane reads straight into the slot).
     ``kv_disk_dir`` keeps the offloaded KV cache in a scratch file in that directory (implies
     ``kv_offload``).
     """
@@ -102,7 +103,8 @@ class EngineOptions:
         group = getattr(source, "int4_group_size", None)
         if self.weights != "auto" or group is None:
             return self
-        return replace(self, weights="int4", group_size=group if group in INT4_GROUP_SIZES else self.group_size)
+        return replace(self, weights="int4",
+                       group_size=group if group in INT4_GROUP_SIZES else self.group_size)
 
     def int4_group(self) -> int | None:
         """Group size when weights are int4, else ``None``."""

@@ -46,7 +46,6 @@ FORMAT_VERSION = 1
 INDEX_NAME = "pipo-store.json"
 DATA_NAME = "blocks.bin"
 WEIGHT_MODES = ("keep", "fp16", "fp32", "int4")
-INT4_GROUP_SIZES = (32, 64, 128)
 # quant scheme in the index -> the record type its parts rebuild (both have to_parts / from_parts)
 RECORD_TYPES = {"int4": QuantTensor, "q8_0": Q8Tensor}
 

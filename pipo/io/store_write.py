@@ -33,7 +33,6 @@ from pipo.io.q8 import Q8Tensor, to_dense
 from pipo.io.store_format import (
     DATA_NAME,
     INDEX_NAME,
-    INT4_GROUP_SIZES,
     RECORD_TYPES,
     WEIGHT_MODES,
     BlockEntry,
@@ -45,7 +44,7 @@ from pipo.io.store_format import (
     index_to_dict,
 )
 from pipo.io.store_tmp import make_work_dir, remove_stale_work_dirs
-from pipo.ops.quant import quantize
+from pipo.ops.quant import INT4_GROUP_SIZES, quantize
 
 _CAST_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 CODE_MAX = 15  # largest 4-bit code
 CODES_PER_WORD = 8  # nibbles per int32 word of ``qweight``
 GGUF_BLOCK = 32  # elements per Q4_0 / Q4_1 block
+INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes users may choose for quantize()
 CPU_DOT_MAX_ROWS = 16  # above this many activation rows the CPU path dequantizes and calls sgemm
 
 _CPU_KERNEL_LOCK = threading.Lock()  # numba's workqueue threading layer must not be entered twice
