@@ -87,7 +87,7 @@ def convert(
         _write_json(tmp_path / INDEX_NAME, index_to_dict(index))
         _save_tokenizer(source.tokenizer, tmp_path)
         _fsync_path(tmp_path)
-        _install(tmp_path, out_path)
+        _install(tmp_path, out_path, overwrite)
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
@@ -221,16 +221,18 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _install(tmp_path: Path, out_path: Path) -> None:
-    """Atomically move the finished store to ``out_path``, replacing an old one (overwrite=True)."""
+def _install(tmp_path: Path, out_path: Path, overwrite: bool) -> None:
+    """Atomically move the finished store to ``out_path``, replacing an old store (``overwrite``).
+
+    The destination is checked again first: what appeared there during the conversion is no more
+    replaceable than what was there before it. The old store is removed only once the new one is in.
+    """
     old_path = None
     if out_path.exists() or out_path.is_symlink():
+        _check_destination(out_path, overwrite)
         old_path = tmp_path.with_name(tmp_path.name + ".old")
         os.replace(out_path, old_path)
     os.replace(tmp_path, out_path)
     _fsync_path(out_path.parent)
     if old_path is not None:
-        if old_path.is_dir() and not old_path.is_symlink():
-            shutil.rmtree(old_path)
-        else:
-            old_path.unlink()
+        shutil.rmtree(old_path)

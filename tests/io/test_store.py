@@ -363,3 +363,21 @@ def test_int4_quantizes_8bit_layer_weights_but_keeps_4bit_ones_and_the_head(tmp_
         assert mlp["w_down"].group_size == 64 and mlp["w_up"].group_size == 32
         assert all(torch.equal(a, b) for a, b in zip(mlp["w_up"].to_parts().values(), want["w_up"].to_parts().values()))
         assert type(head["w_out"]).__name__ == "Tensor"  # output.weight is F32 in the tiny file: kept dense
+
+
+def test_what_appears_at_the_destination_during_a_convert_is_not_replaced(source, tmp_path, monkeypatch):
+    from pipo.io import store_write
+
+    out = tmp_path / "store"
+    real = store_write._write_blocks
+
+    def write_then_user_creates(*args):
+        blocks = real(*args)
+        out.mkdir()
+        (out / "mine.txt").write_text("x")
+        return blocks
+
+    monkeypatch.setattr(store_write, "_write_blocks", write_then_user_creates)
+    with pytest.raises(PipoError, match="not a pipo store"):
+        convert(source, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"] and os.listdir(out) == ["mine.txt"]
