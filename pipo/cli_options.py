@@ -95,8 +95,7 @@ def open_engine(args: argparse.Namespace, **overrides):
     from pipo.engine import Engine
     from pipo.io.source import open_model
 
-    options = engine_options(args, **overrides)
-    return Engine(open_model(args.model, keep_quant=options.weights == "int4"), options)
+    return Engine(open_model(args.model), engine_options(args, **overrides))
 
 
 def set_threads(n_threads: int | None) -> None:

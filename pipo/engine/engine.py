@@ -45,7 +45,7 @@ class Engine:
 
     def __init__(self, source, options: EngineOptions | None = None):
         self.source = source
-        self.options = options or EngineOptions()
+        self.options = (options or EngineOptions()).for_source(source)
         self.spec = source.spec
         self.tokenizer = source.tokenizer
         self.device = self.options.torch_device()
