@@ -200,6 +200,25 @@ def test_a_step_costs_one_caller_event_and_reuses_its_events_the_next_step():
         assert {run for lane in lanes for run in lane.timed_runs} == {lanes[0].timed_runs[0]}
 
 
+def test_a_steps_gpu_times_are_picked_by_its_run_id():
+    from pipo.bench.steptrace import gpu_step_stats
+
+    spec, plan, graph = _decode_graph("pipo")
+    fake = FakeCuda()
+    runtime = _toy_runtime(fake)
+    runtime.trace = True
+    with runtime:
+        program = runtime.compile(graph)
+        runtime.run(program, _toy_ctx(spec, 0))  # untimed
+        lanes = {lane.name: lane for lane in enable_timing(runtime.lanes.values())}
+        first, second = (runtime.run(program, _toy_ctx(spec, s)) for s in (1, 2))
+    gpu = gpu_step_stats(second, lanes)
+    assert gpu.run_id == second.run_id != first.run_id
+    assert [r.name for r in gpu.records] == [r.name for r in second.records]
+    assert min(r.start_s for r in gpu.records) == 0.0  # GPU clock of step 2, not step 1's
+    assert all(r.end_s > r.start_s for r in gpu.records)
+
+
 def test_a_started_step_runs_its_leading_loads_before_the_caller_uploads_and_the_rest_after():
     spec, plan, graph = _decode_graph("pipo")
     fake = FakeCuda()
