@@ -61,22 +61,16 @@ def time_pin_s(nbytes: int, how: str) -> float:
 
 def time_copy_s(copy: Callable[[], None], repeats: int, on_cuda: bool) -> float:
     """Median seconds of ``copy()`` (CUDA events on a GPU, perf_counter on a CPU)."""
-    import torch
+    if on_cuda:
+        from pipo.ops.kernels.checks import time_cuda_s
 
+        return time_cuda_s(copy, repeats, warmup=1)
     copy()  # warm-up
     samples = []
     for _ in range(repeats):
-        if on_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            copy()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            copy()
-            samples.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        copy()
+        samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
 

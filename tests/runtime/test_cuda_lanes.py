@@ -11,8 +11,10 @@ per sink when it ends; work runs under its lane's stream; only the disk lane blo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import networkx as nx
 import pytest
@@ -181,37 +183,41 @@ def test_each_task_is_ordered_after_exactly_its_ancestors_and_the_whole_previous
     assert not any(e[0] == "wait_stream" for e in fake.log)
 
 
-def test_a_step_costs_one_caller_event_and_reuses_its_events_the_next_step():
+@contextlib.contextmanager
+def _after_step_0(trace: bool = False):
+    """Fake-CUDA lanes that already ran step 0 of the pipo decode graph (untimed)."""
     spec, plan, graph = _decode_graph("pipo")
     fake = FakeCuda()
     with _toy_runtime(fake) as runtime:
+        runtime.trace = trace
         program = runtime.compile(graph)
         runtime.run(program, _toy_ctx(spec, 0))
-        first = len(fake.log)
-        runtime.run(program, _toy_ctx(spec, 1))
-        step_log = fake.log[first:]
-        assert [e for e in step_log if e[0] == "new_event"] == [("new_event", fake.events("record", "caller")[-1])]
+        yield SimpleNamespace(spec=spec, plan=plan, graph=graph, fake=fake, runtime=runtime,
+                              program=program)
+
+
+def test_a_step_costs_one_caller_event_and_reuses_its_events_the_next_step():
+    with _after_step_0() as s:
+        first = len(s.fake.log)
+        s.runtime.run(s.program, _toy_ctx(s.spec, 1))
+        step_log = s.fake.log[first:]
+        begin = s.fake.events("record", "caller")[-1]
+        assert [e for e in step_log if e[0] == "new_event"] == [("new_event", begin)]
         task_events = [e[2] for e in step_log if e[0] == "record" and e[1] != "caller"]
-        assert len(task_events) == len(graph) == len(set(map(id, task_events)))  # distinct in a step
-        enable_timing(runtime.lanes.values())
-        runtime.run(program, _toy_ctx(spec, 2))
-        lanes = [lane for lane in runtime.lanes.values() if lane.timed]
-        assert sum(len(lane.timed) for lane in lanes) == len(graph)
+        assert len(task_events) == len(s.graph) == len(set(map(id, task_events)))  # distinct
+        enable_timing(s.runtime.lanes.values())
+        s.runtime.run(s.program, _toy_ctx(s.spec, 2))
+        lanes = [lane for lane in s.runtime.lanes.values() if lane.timed]
+        assert sum(len(lane.timed) for lane in lanes) == len(s.graph)
         assert {run for lane in lanes for run in lane.timed_runs} == {lanes[0].timed_runs[0]}
 
 
 def test_a_steps_gpu_times_are_picked_by_its_run_id():
     from pipo.bench.steptrace import gpu_step_stats
 
-    spec, plan, graph = _decode_graph("pipo")
-    fake = FakeCuda()
-    runtime = _toy_runtime(fake)
-    runtime.trace = True
-    with runtime:
-        program = runtime.compile(graph)
-        runtime.run(program, _toy_ctx(spec, 0))  # untimed
-        lanes = {lane.name: lane for lane in enable_timing(runtime.lanes.values())}
-        first, second = (runtime.run(program, _toy_ctx(spec, s)) for s in (1, 2))
+    with _after_step_0(trace=True) as s:
+        lanes = {lane.name: lane for lane in enable_timing(s.runtime.lanes.values())}
+        first, second = (s.runtime.run(s.program, _toy_ctx(s.spec, step)) for step in (1, 2))
     gpu = gpu_step_stats(second, lanes)
     assert gpu.run_id == second.run_id != first.run_id
     assert [r.name for r in gpu.records] == [r.name for r in second.records]
@@ -220,11 +226,9 @@ def test_a_steps_gpu_times_are_picked_by_its_run_id():
 
 
 def test_a_started_step_runs_its_leading_loads_before_the_caller_uploads_and_the_rest_after():
-    spec, plan, graph = _decode_graph("pipo")
-    fake = FakeCuda()
-    with _toy_runtime(fake) as runtime:
-        program = runtime.compile(graph)
-        runtime.run(program, _toy_ctx(spec, 0))
+    with _after_step_0() as s:
+        spec, plan, graph, fake, runtime, program = (s.spec, s.plan, s.graph, s.fake, s.runtime,
+                                                     s.program)
         ctx = _toy_ctx(spec, 1)
         started = runtime.start(program, ctx)
         prefix = {program.names[i] for i, inside in enumerate(program.in_prefix) if inside}

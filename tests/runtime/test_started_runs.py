@@ -10,41 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
-from types import SimpleNamespace
 
 import networkx as nx
 import pytest
 
 from graphs import build_step
 from graphs.golden.regen import golden_plan, golden_spec
-from pipo.runtime import Executors, GraphBuilder, LoopLane, Runtime, Task, ThreadLane
+from pipo.runtime import GraphBuilder, LoopLane, Runtime, ThreadLane
 from pipo.runtime.tasks import COMPUTE, LOAD_KV, LOAD_WEIGHT, SAVE_KV
-from tests.runtime.toy import toy_executors
+from tests.runtime.toy import Step, hanging_step, log_step, step_ctx, step_table, toy_executors
 
 LABELS = ["load", "kv", "compute", "reload", "save"]
-
-
-@dataclass(frozen=True, slots=True)
-class Step(Task):
-    """A synthetic task; its executor does what ``ctx.actions[label]`` says (default: log it)."""
-
-    label: str
-
-
-def _table() -> Executors:
-    table = Executors()
-    table.register(Step, lambda task, ctx: ctx.actions.get(task.label, _log)(task, ctx))
-    return table
-
-
-def _log(task: Step, ctx) -> None:
-    with ctx.lock:
-        ctx.ran.append(task.label)
-
-
-def _ctx(**actions) -> SimpleNamespace:
-    return SimpleNamespace(ran=[], actions=actions, lock=threading.Lock())
 
 
 def _graph() -> nx.DiGraph:
@@ -78,10 +54,10 @@ def test_a_started_run_leaves_thread_work_in_flight_while_the_caller_works():
 
     def load(task, ctx):
         ctx.load_saw_gate = gate.wait(10)  # set by the caller between start and finish
-        _log(task, ctx)
+        log_step(task, ctx)
 
-    with Runtime(executors=_table(), lane_factory=ThreadLane) as runtime:
-        ctx = _ctx(load=load)
+    with Runtime(executors=step_table(), lane_factory=ThreadLane) as runtime:
+        ctx = step_ctx(load=load)
         started = runtime.start(_graph(), ctx)
         assert "compute" not in ctx.ran and "load" not in ctx.ran  # in flight, not done
         gate.set()  # the caller's own work (e.g. sampling) happens here
@@ -92,27 +68,27 @@ def test_a_started_run_leaves_thread_work_in_flight_while_the_caller_works():
 
 
 def test_finish_runs_the_rest_after_the_caller_and_cancel_runs_only_the_prefix():
-    with Runtime(executors=_table(), lane_factory=LoopLane) as runtime:
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
         program = runtime.compile(_graph())
-        ctx = _ctx()
+        ctx = step_ctx()
         started = runtime.start(program, ctx)
         ctx.ran.append("caller")
         started.finish()
         assert set(ctx.ran[:ctx.ran.index("caller")]) <= {"load", "kv"}
         assert sorted(ctx.ran) == sorted(["caller", *LABELS])
-        cancelled = _ctx()
+        cancelled = step_ctx()
         runtime.start(program, cancelled).cancel()
         assert sorted(cancelled.ran) == ["kv", "load"]
-        again = _ctx()
+        again = step_ctx()
         runtime.run(program, again)  # reusable afterwards
         assert sorted(again.ran) == sorted(LABELS)
 
 
 def test_one_run_at_a_time_and_a_started_run_finishes_once():
-    with Runtime(executors=_table(), lane_factory=LoopLane) as runtime:
-        started = runtime.start(_graph(), _ctx())
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
+        started = runtime.start(_graph(), step_ctx())
         with pytest.raises(RuntimeError, match="still pending"):
-            runtime.run(_graph(), _ctx())
+            runtime.run(_graph(), step_ctx())
         started.finish()
         with pytest.raises(RuntimeError, match="already finished"):
             started.finish()
@@ -122,11 +98,11 @@ def test_a_failing_prefix_task_raises_by_finish_and_the_runtime_stays_usable():
     def fail(task, ctx):
         raise ValueError("disk on fire")
 
-    with Runtime(executors=_table(), lane_factory=LoopLane) as runtime:
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
         with pytest.raises(ValueError, match="disk on fire") as info:
-            runtime.start(_graph(), _ctx(kv=fail)).finish()
+            runtime.start(_graph(), step_ctx(kv=fail)).finish()
         assert info.value.__notes__ == ["while running task Step(kv) on lane load_kv"]
-        ok = _ctx()
+        ok = step_ctx()
         runtime.run(_graph(), ok)
         assert len(ok.ran) == 5
 
@@ -141,13 +117,6 @@ def test_an_interrupt_cancels_every_worker_drains_threads_and_reraises(when):
         copy_done.wait(0.2)
         copy_done.set()
 
-    async def hang(task, ctx):
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            cancelled.append(task.label)
-            raise
-
     async def interrupt(task, ctx):
         await asyncio.sleep(0.01)
         raise KeyboardInterrupt
@@ -157,8 +126,8 @@ def test_an_interrupt_cancels_every_worker_drains_threads_and_reraises(when):
     b.add(Step("hang", lane="slow"))
     b.add(Step("boom", lane=COMPUTE))
     lanes = {"copy": ThreadLane}
-    with Runtime(executors=_table(), lane_factory=lambda n: lanes.get(n, LoopLane)(n)) as runtime:
-        ctx = _ctx(copy=slow_copy, hang=hang, boom=interrupt)
+    with Runtime(executors=step_table(), lane_factory=lambda n: lanes.get(n, LoopLane)(n)) as runtime:
+        ctx = step_ctx(copy=slow_copy, hang=hanging_step(cancelled), boom=interrupt)
         with pytest.raises(KeyboardInterrupt):
             if when == "run":
                 runtime.run(b.graph, ctx)
@@ -167,6 +136,6 @@ def test_an_interrupt_cancels_every_worker_drains_threads_and_reraises(when):
         assert copy_done.is_set()  # drained before the interrupt reached the caller
         assert cancelled == ["hang"]
         assert not asyncio.all_tasks(runtime._loop)  # nothing left pending to be destroyed
-        ok = _ctx()
+        ok = step_ctx()
         runtime.run(_graph(), ok)
         assert len(ok.ran) == 5
