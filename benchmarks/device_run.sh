@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The script a GPU session runs, in two stages of one device call each:
 #
-#   bash benchmarks/device_run.sh --stage smoke            # <= 5 min: is the CUDA path right?
+#   bash benchmarks/device_run.sh --stage smoke            # <= 5 min: is the CUDA path right? (default)
 #   bash benchmarks/device_run.sh --stage full             # ~9 min: W-series + FlexGen, int4 bench
 #   bash benchmarks/device_run.sh --dry-run --stage smoke  # anywhere (CPU): tiny shapes, same steps
 #
@@ -28,9 +28,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { echo "usage: bash benchmarks/device_run.sh [--dry-run] --stage smoke|full" >&2; exit 2; }
+usage() { echo "usage: bash benchmarks/device_run.sh [--dry-run] [--stage smoke|full] (default: smoke)" >&2; exit 2; }
 DRY_RUN=0
-STAGE=
+STAGE=smoke
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;

@@ -102,10 +102,13 @@ class StepLoop:
         """Run (or finish) the step of ``phase`` at position ``start`` on token ids ``ids``
         [batch, t] and key mask ``mask`` [batch, max_len]; return a wait for its logits [batch,
         vocab] (float32, on the host)."""
-        started, self._started = self._started, None
-        if started is None:
+        if self._started is None:
             self._set_position(start, ids.shape[1])
-        self._set_inputs(ids, mask)
+        elif (self.ctx.start, self.ctx.t) != (start, ids.shape[1]):
+            raise ValueError(f"step at {start} (t={ids.shape[1]}) differs from the started one at "
+                             f"{self.ctx.start} (t={self.ctx.t})")
+        self._set_inputs(ids, mask)  # should this fail, close() still cancels the started step
+        started, self._started = self._started, None
         stats = started.finish() if started else self.runtime.run(self.program(phase), self.ctx)
         if self.keep_stats:
             self.stats.append(stats)

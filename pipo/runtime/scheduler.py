@@ -26,15 +26,17 @@ Leading tasks (``start`` / ``finish``)
     second caller event, after the inputs the caller just uploaded), tasks outside the prefix whose
     predecessors are all in it also wait on that marker, and everything else runs.
     :meth:`StartedRun.cancel` lets the prefix end and runs nothing else. Prefix tasks may read only
-    what the caller set in ``ctx`` before ``start``.
+    what the caller set in ``ctx`` before ``start``; a prefix task's failure is raised by ``start``
+    or, if it came later, by ``finish``/``cancel``.
 
 State (per run)
     ``waiting[n]``: unfinished predecessors of node n; ``ready[lane]``: a heap of (priority, n);
     ``markers[n]``: what n's lane returned (``None`` on CPU, a CUDA event on a GPU lane);
     ``extra[n]``: a boundary marker n also waits on; ``finished``: count of finished nodes;
     ``target``: how many must finish (all; the prefix for a cancelled start); ``held``: ready tasks
-    outside the prefix while a started run waits for its caller. One long-lived worker coroutine
-    per lane; no asyncio Task per node.
+    outside the prefix while a started run waits for its caller; ``running``: lanes inside a task
+    while ``start`` waits to settle. One long-lived worker coroutine per lane; no asyncio Task per
+    node.
 
 Invariants
     A task starts only after every predecessor's lane returned; each lane runs one task at a time;

@@ -47,14 +47,14 @@ def test_the_dry_run_of_each_stage_passes_on_a_cpu(stage, tmp_path):
         assert json.loads((tmp_path / name).read_text()), name
 
 
-def test_missing_torch_missing_cuda_and_a_missing_stage_each_say_so(tmp_path):
+def test_missing_torch_missing_cuda_and_an_unknown_stage_each_say_so(tmp_path):
     no_torch = _device_run("--stage", "smoke", out=tmp_path, python="/bin/false")
     assert no_torch.returncode == 2 and "cannot import torch" in no_torch.stderr
     if not _cuda_available():
         no_cuda = _device_run("--stage", "full", out=tmp_path)
         assert no_cuda.returncode == 2 and "sees no CUDA device" in no_cuda.stderr
-    no_stage = _device_run("--dry-run", out=tmp_path)
-    assert no_stage.returncode == 2 and "--stage smoke|full" in no_stage.stderr
+    bad_stage = _device_run("--dry-run", "--stage", "medium", out=tmp_path)
+    assert bad_stage.returncode == 2 and "--stage smoke|full" in bad_stage.stderr
 
 
 def _cuda_available() -> bool:

@@ -304,19 +304,21 @@ def test_gpu_copy_and_compute_lanes_overlap():
         for _ in range(40):
             a @ a
 
-    async def both(parallel: bool):
-        first = await copy_lane.run(copy, [])
-        await compute_lane.run(compute, [] if parallel else [first])
-        await copy_lane.run(lambda: None, [])
+    async def both(parallel: bool, begin) -> list:
+        """The copy, and the compute either beside it or after it; roots wait on ``begin``."""
+        first = await copy_lane.run(copy, [begin])
+        second = await compute_lane.run(compute, [begin] if parallel else [first])
+        return [first, second]
 
     def timed(parallel: bool) -> float:
-        asyncio.run(both(parallel))  # warm-up
-        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        asyncio.run(both(parallel))
-        end.record()
-        end.synchronize()
+        for _ in range(2):  # warm-up, then the timed run
+            torch.cuda.synchronize()
+            start.record()
+            for event in asyncio.run(both(parallel, start)):  # the caller waits on the sinks
+                torch.cuda.current_stream().wait_event(event)
+            end.record()
+            end.synchronize()
         return start.elapsed_time(end)
 
     serial_ms, parallel_ms = timed(False), timed(True)
