@@ -46,8 +46,10 @@ Invariants
     marker, and the exception is re-raised (a task's failure with its name in a note). No worker
     or asyncio task outlives a run.
 
-Graphs are compiled once (:meth:`Runtime.compile`: check, freeze, precompute priorities, executors,
-prefix and sinks) and the :class:`Program` is reused for every step; per-step values live in ctx.
+Graphs are compiled once (:meth:`Runtime.compile`: check, then ``pipo.runtime.program`` freezes the
+graph and precomputes priorities, executors, prefix and sinks) and the :class:`Program` is reused
+for every step; per-step values live in ctx. ``Program``, ``RunStats`` and ``TaskRecord`` are
+importable from here as before.
 """
 
 from __future__ import annotations
@@ -58,7 +60,6 @@ import heapq
 import itertools
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Mapping
 
@@ -66,62 +67,11 @@ import networkx as nx
 
 from pipo.runtime.graph import check_graph
 from pipo.runtime.lanes import Lane, RunInfo, cpu_lane
+from pipo.runtime.program import Program, RunStats, TaskRecord, compile_program
 from pipo.runtime.registry import EXECUTORS, Executors
-from pipo.runtime.tasks import COMPUTE
 
 DRAIN_TIMEOUT_S = 30.0
 _RUN_IDS = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class Program:
-    """A compiled, immutable step graph: node order, edges, priorities and bound executors.
-
-    ``in_prefix[i]``: task i and all its ancestors run off the compute lane (see the module
-    docstring); ``frontier``: tasks outside the prefix whose predecessors all lie in it;
-    ``sinks``: tasks without successors.
-    """
-
-    graph: nx.DiGraph
-    names: tuple[str, ...]
-    tasks: tuple
-    lanes: tuple[str, ...]
-    preds: tuple[tuple[int, ...], ...]
-    succs: tuple[tuple[int, ...], ...]
-    priority: tuple[tuple[int, int], ...]
-    executors: tuple[Callable, ...]
-    in_prefix: tuple[bool, ...] = ()
-    frontier: tuple[int, ...] = ()
-    sinks: tuple[int, ...] = ()
-
-
-@dataclass
-class TaskRecord:
-    """When one task ran: seconds since the run started."""
-
-    name: str
-    lane: str
-    start_s: float
-    end_s: float
-
-
-@dataclass
-class RunStats:
-    """What a run did: wall time, per-lane busy time and (when traced) per-task records.
-
-    ``wall_s`` is the time the runtime spent driving the run; for a started run it leaves out the
-    caller's work between ``start`` and ``finish`` (task times still count from ``start``).
-    ``run_id`` is the :class:`~pipo.runtime.lanes.RunInfo` id the lanes saw.
-    """
-
-    wall_s: float = 0.0
-    busy_s: dict[str, float] = field(default_factory=dict)
-    records: list[TaskRecord] = field(default_factory=list)
-    run_id: int = 0
-
-    def busy_fraction(self, lane: str) -> float:
-        """Busy time of ``lane`` over the run's wall time."""
-        return self.busy_s.get(lane, 0.0) / self.wall_s if self.wall_s else 0.0
 
 
 class Runtime:
@@ -155,23 +105,7 @@ class Runtime:
     def compile(self, graph: nx.DiGraph) -> Program:
         """Check ``graph`` once and turn it into a reusable :class:`Program`."""
         check_graph(graph, self.executors)
-        graph = nx.freeze(graph.copy())
-        names = tuple(nx.lexicographical_topological_sort(
-            graph, key=lambda n: graph.nodes[n].get("order", 0)))
-        index = {n: i for i, n in enumerate(names)}
-        depth = _longest_path_to_end(graph, names)
-        tasks = tuple(graph.nodes[n]["task"] for n in names)
-        lanes = tuple(t.lane for t in tasks)
-        preds = tuple(tuple(index[p] for p in graph.predecessors(n)) for n in names)
-        succs = tuple(tuple(index[s] for s in graph.successors(n)) for n in names)
-        in_prefix = _prefix(lanes, preds)
-        return Program(
-            graph=graph, names=names, tasks=tasks, lanes=lanes, preds=preds, succs=succs,
-            priority=tuple((-depth[n], graph.nodes[n].get("order", i)) for i, n in enumerate(names)),
-            executors=tuple(self.executors.lookup(type(t)) for t in tasks), in_prefix=in_prefix,
-            frontier=tuple(i for i, p in enumerate(preds)
-                           if not in_prefix[i] and all(in_prefix[j] for j in p)),
-            sinks=tuple(i for i, s in enumerate(succs) if not s))
+        return compile_program(graph, self.executors)
 
     def run(self, graph: nx.DiGraph | Program, ctx: Any = None) -> RunStats:
         """Run every task of ``graph`` (a graph or a compiled Program) with context ``ctx``."""
@@ -267,21 +201,6 @@ class StartedRun:
     def cancel(self) -> None:
         """Let the prefix finish, run nothing else, end the run."""
         self._runtime._complete(self._run, rest=False)
-
-
-def _longest_path_to_end(graph: nx.DiGraph, order: tuple[str, ...]) -> dict[str, int]:
-    depth: dict[str, int] = {}
-    for node in reversed(order):
-        depth[node] = 1 + max((depth[s] for s in graph.successors(node)), default=0)
-    return depth
-
-
-def _prefix(lanes: tuple[str, ...], preds: tuple[tuple[int, ...], ...]) -> tuple[bool, ...]:
-    """Per task (topological order): neither it nor any ancestor runs on the compute lane."""
-    inside: list[bool] = []
-    for lane, before in zip(lanes, preds):
-        inside.append(lane != COMPUTE and all(inside[j] for j in before))
-    return tuple(inside)
 
 
 class _Run:
