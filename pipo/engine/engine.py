@@ -42,7 +42,11 @@ class Generation:
 
 
 class Engine:
-    """Generates text from one model. Owns the runtime (lanes, event loop); close it when done."""
+    """Generates text from one model. Owns the runtime (lanes, event loop); close it when done.
+
+    ``runtime`` runs the step graphs; ``step_io`` moves each step's inputs and logits between host
+    and device (:mod:`pipo.engine.steps`).
+    """
 
     def __init__(self, source, options: EngineOptions | None = None):
         self.source = source
