@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except PipoError as exc:
-        print(f"pipo: error: {exc}", file=sys.stderr)
+        print(f"pipo: error: {exc.for_cli()}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("pipo: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # notes say what an interrupted command kept (e.g. the finished part of a JSONL batch)
+        kept = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
+        print(f"pipo: interrupted{kept}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from pipo.cli_options import add_engine_options, add_model_option, check, open_engine, positive_int
-from pipo.errors import PipoError
+from pipo.cli_batch import read_prompts, run_batch
+from pipo.cli_options import (add_engine_options, add_model_option, check, open_engine,
+                              positive_int, set_threads)
+from pipo.cli_paths import check_output_file
 from pipo.ops.sampling import SamplingParams
 
 
@@ -18,18 +17,41 @@ def add_generate(sub) -> None:
     """Register the ``generate`` subcommand."""
     p = sub.add_parser("generate", help="generate text from a prompt or a JSONL file of prompts",
                        description="Generate text. Greedy unless --temperature > 0.")
-    p.add_argument("prompt", nargs="?", help="the prompt (streams the completion to stdout)")
+    p.add_argument("prompt", nargs="?",
+                   help="the prompt; its completion streams to stdout (default: none, then "
+                        "--input FILE is needed)")
     add_model_option(p)
-    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--input", type=Path, help="JSONL file: one {\"prompt\": ...} per line")
-    p.add_argument("--output", type=Path, help="JSONL file to write completions to")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (--input)")
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=64, metavar="N",
+                   help="new tokens per prompt at most; generation also stops at the model's "
+                        "end-of-text token (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 picks the most likely token, higher is more "
+                        "random (default: %(default)s, greedy)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens only (default: 0, no limit)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample among the most likely tokens whose probabilities add up to P, "
+                        "in (0, 1] (default: 1.0, no limit)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling, an integer >= 0, to repeat a run "
+                        "(default: a fresh seed each run)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None,
+                   help="system message, with --chat (default: none)")
+    p.add_argument("--input", type=Path, metavar="FILE",
+                   help="JSONL file, one {\"prompt\": ...} object per line; every line is checked "
+                        "before generating (default: none, use the prompt argument)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="JSONL file for --input's records with a \"completion\" field added; "
+                        "written as FILE.partial batch by batch and renamed to FILE when all "
+                        "are done, so an interrupted run keeps FILE.partial "
+                        "(default: none; required with --input)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                   help="prompts generated together, with --input (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch and the int4 kernels (default: torch's, usually "
+                        "one per core)")
     add_engine_options(p)
     p.set_defaults(run=run)
 
@@ -42,11 +64,14 @@ def run(args: argparse.Namespace) -> int:
           "give either a prompt or --input FILE (not both, not neither)")
     check(args.input is None or args.output is not None, "--input needs --output FILE")
     check(args.output is None or args.input is not None, "--output needs --input FILE")
+    if args.output is not None:
+        check_output_file(args.output, "--output")
     prompts = read_prompts(args.input) if args.input else None
+    set_threads(args.threads)
     with open_engine(args) as engine:
         if prompts is None:
             return _stream_one(engine, args, sampling)
-        return _run_batch(engine, args, sampling, prompts)
+        return run_batch(engine, args, sampling, prompts)
 
 
 def _stream_one(engine, args, sampling: SamplingParams) -> int:
@@ -62,55 +87,3 @@ def _stream_one(engine, args, sampling: SamplingParams) -> int:
                     system=args.system, on_text=show)
     sys.stdout.write("".join(pending) + "\n")
     return 0
-
-
-def read_prompts(path: Path) -> list[dict]:
-    """Records of a JSONL prompt file; each line an object with a string ``prompt``."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PipoError(f"no such input file: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipoError(f"cannot read {path}: {exc}") from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipoError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise PipoError(f"{path}:{number}: expected an object with a string \"prompt\"")
-        records.append(record)
-    check(bool(records), f"{path} holds no prompts")
-    return records
-
-
-def _run_batch(engine, args, sampling: SamplingParams, records: list[dict]) -> int:
-    from tqdm import tqdm
-
-    results = []
-    with tqdm(total=len(records), unit="prompt", file=sys.stderr) as bar:
-        for start in range(0, len(records), args.batch_size):
-            batch = records[start:start + args.batch_size]
-            texts = engine.generate([r["prompt"] for r in batch], args.max_new_tokens, sampling,
-                                    chat=args.chat, system=args.system)
-            results += [{**r, "completion": t} for r, t in zip(batch, texts)]
-            bar.update(len(batch))
-    write_jsonl_atomic(args.output, results)
-    return 0
-
-
-def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    """Write ``records`` as JSONL via a temporary file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

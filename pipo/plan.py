@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from pipo.errors import PlanError
+from pipo.errors import DeviceMemoryTooSmall, PlanError
 from pipo.io.spec import ModelSpec
 
 RESIDENT, HOST, DISK = "resident", "host", "disk"
@@ -70,8 +70,25 @@ def make_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], *, batch: int, m
 
     Keeps the largest blocks resident first (each resident byte is a byte not moved per step) while
     the rest still fit through ``n_weight_slots`` slots next to the KV cache (when resident) and an
-    activation reserve. Raises :class:`PlanError` when not even one slot and the KV cache fit.
+    activation reserve. Raises :class:`~pipo.errors.DeviceMemoryTooSmall` (a :class:`PlanError`)
+    naming :func:`minimum_device_memory` when not even one slot and the KV cache fit.
     """
+    args = dict(batch=batch, max_len=max_len, micro_batch=micro_batch, offload_tier=offload_tier,
+                kv_offload=kv_offload, n_weight_slots=n_weight_slots, n_kv_slots=n_kv_slots,
+                kv_dtype_nbytes=kv_dtype_nbytes, schedule=schedule)
+    plan = plan_within(spec, block_nbytes, device_memory, **args)
+    if plan is None:
+        raise _too_small(spec, block_nbytes, device_memory, args)
+    return plan
+
+
+def plan_within(spec: ModelSpec, block_nbytes: Mapping[str, int], device_memory: int | None, *,
+                batch: int, max_len: int, micro_batch: int | None = None,
+                offload_tier: str = HOST, kv_offload: bool = False, n_weight_slots: int = 2,
+                n_kv_slots: int = 2, kv_dtype_nbytes: int = 4, schedule: str = "pipo"
+                ) -> Plan | None:
+    """The planner behind :func:`make_plan`: its plan, or ``None`` when ``device_memory`` is too
+    small (bad shape or schedule arguments still raise :class:`PlanError`)."""
     micro_batch = micro_batch or batch
     _check_shape_args(batch, micro_batch, max_len, n_weight_slots, n_kv_slots)
     schedule = _checked_schedule(schedule)
@@ -87,13 +104,42 @@ def make_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], *, batch: int, m
     budget = int(device_memory * (1 - ACTIVATION_RESERVE_FRACTION)) - kv_on_device
     tiers, slot_nbytes, resident = _place(blocks, block_nbytes, budget, n_weight_slots, offload_tier)
     if tiers is None:
-        need = max(block_nbytes.values()) * n_weight_slots + kv_on_device
-        raise PlanError(
-            f"device memory budget {_gib(device_memory)} is too small: one weight slot per "
-            f"look-ahead block plus the KV cache need at least {_gib(need / 0.9)} "
-            f"(try --kv-offload, a smaller batch or a larger --device-memory)")
+        return None
     return Plan(tuple((b, tiers[b]) for b in blocks), batch, micro_batch, max_len, kv_offload,
                 n_weight_slots, n_kv_slots, schedule, slot_nbytes, kv_full, resident)
+
+
+def minimum_device_memory(spec: ModelSpec, block_nbytes: Mapping[str, int], **plan_args) -> int:
+    """The smallest ``device_memory`` (bytes) for which :func:`make_plan` with ``plan_args`` (its
+    other keyword arguments) succeeds.
+
+    Defined by the planner itself: a bisection over :func:`plan_within`, so it stays exact whatever
+    the planner does, provided a larger budget never fails where a smaller one plans.
+    """
+    def plans(nbytes: int) -> bool:
+        return plan_within(spec, block_nbytes, nbytes, **plan_args) is not None
+
+    fails, works = -1, max(1, sum(block_nbytes.values()))  # a budget of -1 byte never plans
+    while not plans(works):
+        if works > 2**60:
+            raise PlanError("no device memory budget, however large, plans this run")
+        fails, works = works, works * 2
+    while works - fails > 1:
+        middle = (fails + works) // 2
+        fails, works = (fails, middle) if plans(middle) else (middle, works)
+    return works
+
+
+def _too_small(spec: ModelSpec, block_nbytes: Mapping[str, int], device_memory: int,
+               args: dict) -> DeviceMemoryTooSmall:
+    """The refusal of ``device_memory``, with the exact minimum (and the one with KV offload, when
+    offloading was not asked for and would lower it)."""
+    minimum = minimum_device_memory(spec, block_nbytes, **args)
+    offloaded = None
+    if not args["kv_offload"]:
+        offloaded = minimum_device_memory(spec, block_nbytes, **{**args, "kv_offload": True})
+        offloaded = offloaded if offloaded < minimum else None
+    return DeviceMemoryTooSmall(device_memory, minimum, offloaded)
 
 
 def fixed_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], tier: str, *, batch: int,
@@ -123,13 +169,15 @@ def _place(blocks, block_nbytes, budget, n_slots, offload_tier):
     total = sum(block_nbytes[b] for b in blocks)
     if total <= budget:
         return {b: RESIDENT for b in blocks}, 0, total
+    # largest first, equal sizes in block order (never set order: string hashes vary per process)
+    by_size = sorted(blocks, key=lambda b: -block_nbytes[b])
     best = None
     for slot in sorted({block_nbytes[b] for b in blocks}, reverse=True):
         resident = {b for b in blocks if block_nbytes[b] > slot}
         left = budget - n_slots * slot - sum(block_nbytes[b] for b in resident)
         if left < 0:
             continue
-        for b in sorted(set(blocks) - resident, key=lambda b: -block_nbytes[b]):
+        for b in (b for b in by_size if b not in resident):
             if block_nbytes[b] <= left:
                 resident.add(b)
                 left -= block_nbytes[b]
@@ -156,10 +204,6 @@ def _checked_schedule(schedule: str) -> str:
     if schedule not in SCHEDULE_NAMES:
         raise PlanError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     return schedule
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def estimate_block_nbytes(spec: ModelSpec, dtype_nbytes: int, int4_group: int | None = None

@@ -1,12 +1,16 @@
 """The baselines pipo is measured against, run in the same process call as pipo's own rows.
 
+The HF baselines need the ``bench`` extra (``pip install -e .[bench]``: transformers, accelerate);
+:func:`not_installed` says when a baseline's packages are missing.
+
 - ``flexgen``: FlexGen 0.1.8 (``pip install --no-deps flexgen==0.1.8`` + ``attrs``) through
   :mod:`pipo.bench.flexgen_shim` in a subprocess, its printed throughputs parsed. Its ``_DUMMY_``
   weights are all ones (rows say so in ``note``).
 - ``accelerate``: the same random model as a transformers model in fp16, dispatched under the GPU
   cap with ``infer_auto_device_map`` + ``dispatch_model``, greedy ``generate``.
 - ``transformers``: the same model on the CPU, greedy ``generate`` (fp32).
-Every row has BENCH.md's throughput fields; timings exclude model building and a warm-up call.
+Every row has the throughput fields of docs/benchmarks.md; timings exclude model building and a
+warm-up call.
 HF timings split prefill from decode at the first generated token (a streamer's timestamps).
 """
 
@@ -37,11 +41,30 @@ _FLEXGEN_FIELDS = {"prefill_tok_s": r"prefill throughput: ([\d.]+)",
                    "peak_gpu_gb": r"peak gpu mem: ([\d.]+) GB"}
 
 
-def flexgen_available() -> bool:
-    """True when FlexGen can be imported (it is optional)."""
+BENCH_EXTRA = "pip install -e .[bench]"
+# baseline -> (modules it imports, how to install them)
+REQUIREMENTS = {"transformers": (("transformers", "accelerate"), BENCH_EXTRA),
+                "accelerate": (("transformers", "accelerate"), BENCH_EXTRA),
+                "flexgen": (("flexgen", "transformers"),
+                            f"{BENCH_EXTRA} && pip install --no-deps flexgen==0.1.8 attrs")}
+
+
+def not_installed(baseline: str) -> str | None:
+    """``None`` when ``baseline``'s packages are importable here, else what to run to get them:
+    ``"not installed: pip install -e .[bench]"``. They are optional (the ``bench`` extra)."""
+    modules, command = REQUIREMENTS[baseline]
+    return None if all(map(_importable, modules)) else f"not installed: {command}"
+
+
+def _importable(module: str) -> bool:
+    if module in sys.modules:  # imported already, or blocked (None)
+        return sys.modules[module] is not None
     import importlib.util
 
-    return importlib.util.find_spec("flexgen") is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def flexgen_args(workload: Workload, offload_dir: str, log_file: str) -> list[str]:

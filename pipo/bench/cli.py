@@ -1,7 +1,9 @@
 """``pipo bench``: pipo's schedules and its baselines on one workload; prints a table, writes JSON.
 
-Workloads are BENCH.md's (``W1``–``W7``, ``quick``) on random-weight models, or ``smollm``: pipo
-against transformers on the CPU with the default real model (:mod:`pipo.bench.cpu`). Examples::
+Workloads (docs/benchmarks.md: ``W1``–``W7``, ``quick``) run on random-weight models, or
+``smollm``: pipo against transformers on the CPU with the default real model
+(:mod:`pipo.bench.cpu`). Baselines need the ``bench`` extra (``pip install -e .[bench]``); without
+it pipo's own rows still run and each missing baseline's row says how to install it. Examples::
 
     pipo bench --device cpu                                  # smollm: pipo vs transformers, CPU
     pipo bench --device cuda --workload W1 --baselines flexgen --out w1.json --trace-dir traces
@@ -19,6 +21,9 @@ from pipo.errors import PipoError
 BASELINES = ("flexgen", "accelerate", "transformers")
 SCHEDULES = ("pipo", "flexgen", "sequential")
 CPU_COPY_NBYTES = 1 << 28
+DOC = "docs/benchmarks.md"
+SMOLLM_GEN_LEN = 64
+SMOLLM_BATCHES = (1, 8)
 
 
 def _choices_list(allowed: tuple[str, ...]):
@@ -41,33 +46,57 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from pipo.cli_options import parse_size, positive_int
 
     p = sub.add_parser("bench", help="benchmark pipo's schedules against baselines (table + JSON)",
-                       description=__doc__.splitlines()[0].replace("``", ""))
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+                       description=__doc__.splitlines()[0].replace("``", ""),
+                       epilog=f"Workloads, metrics and baselines: {DOC} in the pipo repository. "
+                              "Baselines need: pip install -e .[bench]")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where pipo computes (default: %(default)s)")
     p.add_argument("--workload", choices=WORKLOAD_NAMES, default="smollm",
-                   help="BENCH.md workload, quick (OPT-1.3B) or smollm (CPU, real model)")
+                   help=f"a workload of {DOC} (W1-W7, quick: OPT-1.3B) on random weights, or "
+                        "smollm: the default real model on the CPU (default: %(default)s)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="run the workload on another model shape (e.g. tiny-opt for a smoke test)")
+                   help="run the workload on another model shape, e.g. tiny-opt for a smoke test "
+                        "(default: the workload's)")
     p.add_argument("--schedules", type=_choices_list(SCHEDULES), default=list(SCHEDULES),
-                   help="comma-separated pipo schedules (default: all three)")
-    p.add_argument("--baselines", type=_choices_list(BASELINES), default=None,
+                   metavar="LIST",
+                   help="comma-separated pipo schedules: pipo, flexgen, sequential; smollm runs "
+                        "the first (default: all three)")
+    p.add_argument("--baselines", type=_choices_list(BASELINES), default=None, metavar="LIST",
                    help="comma-separated baselines: flexgen, accelerate, transformers "
                         "(default: transformers for smollm, none otherwise)")
     p.add_argument("--gpu-memory", type=parse_size, default=None, metavar="SIZE",
-                   help="GPU memory cap (default: the workload's, e.g. 6GiB)")
-    for flag in ("--gen-len", "--prompt-len", "--batch", "--micro-batch"):
-        p.add_argument(flag, type=positive_int, default=None)
-    p.add_argument("--repeats", type=positive_int, default=3,
-                   help="smollm: alternating timed runs per side (median)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--trace-dir", type=Path, default=None,
-                   help="write a Chrome trace + timeline PNG of one decode step per schedule")
-    p.add_argument("--log", type=Path, default=None, help="append baseline output (FlexGen) here")
+                   help="GPU memory cap in bytes with a unit, e.g. 6GiB (default: the workload's)")
+    _add_workload_overrides(p, positive_int)
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
+                   help="smollm: timed runs per side, alternating; the median counts "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch and the int4 kernels (default: torch's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random prompts (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="write the results as JSON here (default: print the table only)")
+    p.add_argument("--trace-dir", type=Path, default=None, metavar="DIR",
+                   help="write a Chrome trace + timeline PNG of one decode step per schedule "
+                        "(default: none)")
+    p.add_argument("--log", type=Path, default=None, metavar="FILE",
+                   help="append the baselines' own output (FlexGen) here (default: none)")
     p.add_argument("--baseline-timeout", type=positive_int, default=600, metavar="SECONDS",
-                   help="stop a FlexGen run after this long")
+                   help="stop a FlexGen run after this long (default: %(default)s)")
     p.set_defaults(run=run)
     return p
+
+
+def _add_workload_overrides(p: argparse.ArgumentParser, positive_int) -> None:
+    overrides = (("--prompt-len", "TOKENS", "prompt tokens per sequence", "512; quick: 256"),
+                 ("--gen-len", "TOKENS", "new tokens per sequence",
+                  f"32; quick: 16; smollm: {SMOLLM_GEN_LEN}"),
+                 ("--batch", "N", "sequences per step",
+                  f"32; W5: 1; quick: 8; smollm: {' and '.join(map(str, SMOLLM_BATCHES))}"),
+                 ("--micro-batch", "N", "rows per micro-batch", "8; W5: 1; quick: 4"))
+    for flag, metavar, what, default in overrides:
+        p.add_argument(flag, type=positive_int, default=None, metavar=metavar,
+                       help=f"{what} (default: the workload's: {default})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,9 +104,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pipo.bench.report import environment, write_json
+    from pipo.cli_options import set_threads
+    from pipo.cli_paths import check_output_file
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for path, flag in ((args.out, "--out"), (args.log, "--log")):
+        if path is not None:
+            check_output_file(path, flag)
+    set_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise PipoError("--device cuda was asked for but no CUDA device is available")
     document: dict[str, Any] = {"meta": environment(args.device), "rows": []}
@@ -98,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     from pipo.bench import cpu
+    from pipo.bench.baselines import not_installed
 
     if args.device != "cpu":
         raise PipoError("the smollm workload compares with transformers on the CPU; "
@@ -105,10 +139,17 @@ def _run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     baselines = ["transformers"] if args.baselines is None else args.baselines
     if baselines != ["transformers"]:
         raise PipoError("the smollm workload has one baseline: transformers")
-    batches = (args.batch,) if args.batch else (1, 8)
-    result = cpu.run_smollm(batches, args.gen_len or 64, args.repeats,
-                            (args.schedules or ["pipo"])[0])
-    print(cpu.format_table(result))
+    batches = (args.batch,) if args.batch else SMOLLM_BATCHES
+    gen_len, schedule = args.gen_len or SMOLLM_GEN_LEN, (args.schedules or ["pipo"])[0]
+    missing = not_installed("transformers")
+    if missing:
+        from pipo.bench.cpu_alone import format_alone, run_pipo_alone
+
+        result = run_pipo_alone(batches, gen_len, args.repeats, schedule, missing)
+        print(format_alone(result))
+    else:
+        result = cpu.run_smollm(batches, gen_len, args.repeats, schedule)
+        print(cpu.format_table(result))
     return {"workload": {"id": "smollm", **{k: v for k, v in result.items() if k != "rows"}},
             "comparisons": result["rows"]}
 
@@ -124,6 +165,7 @@ def _run_workload(args: argparse.Namespace, document: dict[str, Any], save) -> N
     from pipo.bench.report import format_rows
     from pipo.bench.workloads import resolve
 
+    _check_something_runs(args)
     workload = resolve(args.workload, shape=args.shape, prompt_len=args.prompt_len,
                        gen_len=args.gen_len, batch=args.batch, micro_batch=args.micro_batch,
                        gpu_memory=args.gpu_memory)
@@ -145,21 +187,36 @@ def _run_workload(args: argparse.Namespace, document: dict[str, Any], save) -> N
     for name in args.baselines or []:
         add(_baseline_row(name, workload, args))
     print(format_rows(rows))
+    for row in rows:
+        if row.get("skipped"):
+            print(f"- {row['system']}: {row['skipped']}")
+
+
+def _check_something_runs(args: argparse.Namespace) -> None:
+    """With no pipo schedule asked for, every asked baseline must be installed: else one line."""
+    from pipo.bench.baselines import not_installed
+
+    missing = {name: not_installed(name) for name in args.baselines or []}
+    if not args.schedules and all(missing.values()):
+        raise PipoError("nothing to run: " + "; ".join(f"{name} is {why}"
+                                                       for name, why in missing.items())
+                        if missing else "nothing to run: no schedules and no baselines")
 
 
 def _baseline_row(name: str, workload, args: argparse.Namespace) -> dict[str, Any]:
-    """One baseline's row; an ``error`` row when it cannot run here or fails."""
+    """One baseline's row: ``skipped`` when its packages are missing, ``error`` when it cannot
+    run here or fails."""
     from pipo.bench import baselines
     from pipo.bench.pipo_runs import error_row, random_prompts
 
+    missing = baselines.not_installed(name)
+    if missing:
+        return {"system": name, "schedule": None, "skipped": missing}
     print(f"baseline {name} ...", flush=True)
     try:
         if name == "flexgen":
             if args.device != "cuda":
                 raise RuntimeError("FlexGen runs on CUDA only")
-            if not baselines.flexgen_available():
-                raise RuntimeError("flexgen is not installed (pip install --no-deps "
-                                   "flexgen==0.1.8 attrs)")
             return baselines.run_flexgen(workload, str(args.log) if args.log else None,
                                          args.baseline_timeout)
         prompts = random_prompts(workload, workload.prompt_len, args.seed)

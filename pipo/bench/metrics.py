@@ -8,6 +8,9 @@
 - NVML utilization sampled during decode (:class:`NvmlSampler`), the number nvidia-smi shows.
 - copy bandwidth (:func:`copy_gbps`): a large pinned host → device copy on CUDA (a host → host copy
   on CPU, where the "link" is memory bandwidth), median of a few timed copies.
+- pinned host memory (:func:`pinned_memory`): bytes page-locked by pipo's host arenas next to the
+  bytes of data they hold (so a row shows any rounding overhead), and what torch's own pinned
+  allocator holds (on CUDA; it rounds each allocation up to a power of two).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from pipo.io.spec import ModelSpec
 from pipo.plan import Plan, estimate_block_nbytes
+from pipo.runtime import memory
 from pipo.runtime.trace import union_s
 
 GB = 1e9
@@ -118,18 +122,35 @@ def copy_gbps(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> 
 
 
 def _cuda_h2d_gbps(device: torch.device, nbytes: int, repeats: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    # pinned like the engine's buffers, and unpinned afterwards (torch's allocator would keep it)
+    arena = memory.HostArena(nbytes, memory.default_registrar(device), name="copy probe")
+    src = arena.take(nbytes).fill_(1)
+    arena.pin()
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=True)  # warm-up
-    times_ms = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times_ms.append(start.elapsed_time(end))
+    try:
+        dst.copy_(src, non_blocking=True)  # warm-up
+        times_ms = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times_ms.append(start.elapsed_time(end))
+    finally:
+        arena.close()
     return nbytes / (statistics.median(times_ms) / 1e3) / GB
+
+
+def pinned_memory(device: torch.device) -> dict[str, int | None]:
+    """Host memory now: pipo's arenas (``pinned_nbytes`` page-locked for ``host_data_nbytes`` of
+    data) and torch's pinned allocator (``torch_pinned_nbytes``, CUDA only, rounded block sizes)."""
+    stats = memory.arena_stats()
+    torch_pinned = None
+    if device.type == "cuda" and hasattr(torch.cuda, "host_memory_stats"):
+        torch_pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current")
+    return {"pinned_nbytes": stats["pinned_nbytes"], "host_data_nbytes": stats["data_nbytes"],
+            "torch_pinned_nbytes": torch_pinned}
 
 
 class NvmlSampler:

@@ -127,7 +127,7 @@ def _run_one(engine, workload: Workload, schedule: str, trace_dir: str | None,
     wall_s = time.perf_counter() - t0
     nvml_pct = sampler.stop()
     row = _metrics_row(engine, workload, schedule, gen, link_gbps)
-    row.update(wall_s=wall_s, nvml_util_pct=nvml_pct)
+    row.update(wall_s=wall_s, nvml_util_pct=nvml_pct, **metrics.pinned_memory(engine.device))
     lanes = {lane.name: lane for lane in timed}
     row.update(_gpu_lane_metrics(lanes, gen.decode_s, row["h2d_nbytes_per_step"] * (gen.steps - 1)))
     row["compute_busy_frac"] = row["gpu_busy_frac"] if lanes else _host_compute_busy(gen)

@@ -25,8 +25,9 @@ _COLUMNS = (  # (header, row key, format)
     ("NVML %", "nvml_util_pct", "{:.0f}"), ("H2D GB/s", "achieved_h2d_gbps", "{:.1f}"),
     ("link limit s", "link_limit_s_per_step", "{:.3f}"), ("step s", "step_s", "{:.3f}"),
     ("efficiency", "pipeline_efficiency", "{:.2f}"), ("host ms/step", "host_ms_per_step", "{:.1f}"),
-    ("peak GiB", "peak_gpu_gib", "{:.2f}"),
+    ("peak GiB", "peak_gpu_gib", "{:.2f}"), ("pinned GiB", "pinned_gib", "{:.2f}"),
 )
+_GIB_OF = {"peak_gpu_gib": "peak_gpu_nbytes", "pinned_gib": "pinned_nbytes"}  # derived columns
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -56,8 +57,8 @@ def _driver_version() -> str | None:
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    if key == "peak_gpu_gib":
-        value = row.get("peak_gpu_nbytes")
+    if key in _GIB_OF:
+        value = row.get(_GIB_OF[key])
         value = None if value is None else value / 2**30
     else:
         value = row.get(key)

@@ -8,6 +8,7 @@ buffer; int4 weights (``QuantTensor``) are stored as their parts and rebuilt as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -88,11 +89,15 @@ def views(buffer: torch.Tensor, layout: BlockLayout) -> dict:
     return out
 
 
-def pack(tensors: dict, device: str | torch.device = "cpu", pin: bool = False
+def pack(tensors: dict, allocate: Callable[[int], torch.Tensor] | None = None
          ) -> tuple[torch.Tensor, BlockLayout]:
-    """A new flat buffer holding ``tensors`` (pinned when ``pin``), and its layout."""
+    """A flat buffer holding ``tensors``, and its layout.
+
+    ``allocate(nbytes)`` gives the uint8 buffer (default: a new CPU tensor); the engine passes its
+    host arena's :meth:`~pipo.runtime.memory.HostArena.take`, so blocks share one pinned region.
+    """
     layout = layout_of(tensors)
-    buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+    buffer = allocate(layout.nbytes) if allocate else torch.empty(layout.nbytes, dtype=torch.uint8)
     pack_into(tensors, layout, buffer)
     return buffer, layout
 

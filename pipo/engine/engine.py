@@ -19,7 +19,7 @@ from pipo.engine.context import StepContext
 from pipo.engine.kv import KVCache
 from pipo.engine.options import EngineOptions
 from pipo.engine.steps import StepLoop, step_io
-from pipo.engine.weights import PlacedWeights
+from pipo.engine.weights import PlacedWeights, store_is_int4
 from pipo.errors import GenerationError, PlanError
 from pipo.ops.rope import rope_tables
 from pipo.ops.sampling import SamplingParams, make_generator, sample
@@ -58,6 +58,7 @@ class Engine:
         self.runtime = Runtime(lane_factory=self.options.lane_factory(), trace=self.options.trace)
         self.step_io = step_io(self.device)
         self._weights: PlacedWeights | None = None
+        self._kv: KVCache | None = None
         self._programs: dict[tuple, Program] = {}
 
     def plan_for(self, batch: int, max_len: int) -> Plan:
@@ -67,7 +68,7 @@ class Engine:
         if o.placement == DISK and tier != DISK:
             raise PlanError("--placement disk needs an offload store: convert the model first "
                             "with `pipo convert MODEL STORE` and pass --model STORE")
-        if o.int4_group() and tier == DISK and not _store_is_int4(self.source):
+        if o.int4_group() and tier == DISK and not store_is_int4(self.source):
             raise PlanError("--weights int4 with a dense offload store would stream dense blocks: "
                             "convert the store with `pipo convert ... --weights int4`")
         sizes = estimate_block_nbytes(self.spec, self.dtype.itemsize, o.int4_group())
@@ -155,7 +156,8 @@ class Engine:
 
     def _context(self, plan: Plan) -> StepContext:
         if self._weights is None or _weights_key(self._weights.plan) != _weights_key(plan):
-            self._weights = None  # release the old placement before building the new one
+            _close(self._weights)  # release the old placement (and its pinned arena) first
+            self._weights = None
             self._weights = PlacedWeights(self.source, plan, device=self.device, dtype=self.dtype,
                                           int4_group=self.options.int4_group())
         else:
@@ -163,8 +165,9 @@ class Engine:
         rope = None
         if traits_for(self.spec).positions == "rope":
             rope = rope_tables(self.spec, plan.max_len, self.device, self.dtype)
-        kv = KVCache(self.spec, plan, device=self.device, dtype=self.dtype,
-                     disk_dir=self.options.kv_disk_dir)
+        _close(self._kv)  # the previous generation's cache (and its pinned arena)
+        self._kv = kv = KVCache(self.spec, plan, device=self.device, dtype=self.dtype,
+                                disk_dir=self.options.kv_disk_dir)
         return StepContext(self.spec, self._weights, kv, rope)
 
     def program(self, plan: Plan, phase: str) -> Program:
@@ -191,9 +194,11 @@ class Engine:
         return texts[0] if isinstance(prompts, str) else texts
 
     def close(self) -> None:
-        """Stop the runtime's lanes and release weights."""
+        """Stop the runtime's lanes and release weights and KV cache (unpinning their host memory)."""
         self.runtime.close()
-        self._weights = None
+        _close(self._weights)
+        _close(self._kv)
+        self._weights = self._kv = None
 
     def __enter__(self) -> Engine:
         return self
@@ -202,14 +207,14 @@ class Engine:
         self.close()
 
 
+def _close(owner) -> None:
+    if owner is not None:
+        owner.close()
+
+
 def _weights_key(plan: Plan) -> tuple:
     """What PlacedWeights depends on: reuse them across calls while it is unchanged."""
     return plan.placement, plan.n_weight_slots, plan.staged_disk
-
-
-def _store_is_int4(source) -> bool:
-    """Whether an offload store holds 4-bit linear weights."""
-    return any(t.quant is not None for b in source.index.blocks for t in b.tensors)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, max_len: int | None = None

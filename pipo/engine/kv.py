@@ -1,15 +1,17 @@
 """The KV cache of a run: resident on the compute device, or on the host with device KV slots.
 
-Layout per (layer, micro-batch): K and V of shape [rows, n_kv_heads, max_len, head_dim] on the
-compute device (see ``pipo.ops.layers``); the offloaded host copy is position-major
-[max_len, rows, n_kv_heads, head_dim] so every transfer is one contiguous copy. Offloaded, the
-full cache lives in host memory (pinned on CUDA); a LoadKV task copies the first ``start``
-positions into one of ``plan.n_kv_slots`` device slots, the attention block appends this step's
-entries there, and SaveKV copies just those entries back.
+Attention sees K and V of shape [rows, n_kv_heads, max_len, head_dim] per (layer, micro-batch) (see
+``pipo.ops.layers``). Resident, they are stored that way. Offloaded, the host copy and the device
+slots are both position-major [max_len, rows, n_kv_heads, head_dim] and attention gets a permuted
+view of the slot: a LoadKV task copies the first ``start`` positions into one of
+``plan.n_kv_slots`` device slots and SaveKV copies this step's entries back, each a single
+contiguous copy (one DMA on CUDA) with no staging tensor, no transpose and no allocation.
 
-With ``plan.kv_disk`` the offloaded cache lives in a memory-mapped scratch file instead of RAM
-(for caches larger than RAM; the kernel pages it in and out). The file is unlinked as soon as it is
-mapped, so no run ever leaves one behind, and it is never read by a later run.
+Offloaded, the full cache lives in one host :class:`~pipo.runtime.memory.HostArena` (page-locked
+as a whole on CUDA, exactly its size). With ``plan.kv_disk`` it lives in a memory-mapped scratch
+file instead of RAM (for caches larger than RAM; the kernel pages it in and out). The file is
+unlinked as soon as it is mapped, so no run ever leaves one behind, and it is never read by a later
+run. :meth:`KVCache.close` releases the arena.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import torch
 
 from pipo.io.spec import ModelSpec
 from pipo.plan import Plan
+from pipo.runtime import memory
+from pipo.runtime.memory import HostArena, PinRegistrar, align_up
+
+KV_ALIGN_NBYTES = 256
 
 
 def micro_rows(plan: Plan, micro: int) -> int:
@@ -30,48 +36,47 @@ def micro_rows(plan: Plan, micro: int) -> int:
 
 
 class KVCache:
-    """K/V tensors for every (layer, micro-batch) pair, placed per the plan."""
+    """K/V tensors for every (layer, micro-batch) pair, placed per the plan.
+
+    ``registrar`` page-locks the offloaded cache (default: cudaHostRegister on CUDA, nothing on CPU).
+    """
 
     def __init__(self, spec: ModelSpec, plan: Plan, *, device: torch.device, dtype: torch.dtype,
-                 disk_dir: str | None = None):
+                 disk_dir: str | None = None, registrar: PinRegistrar | None = None):
         self.plan = plan
-        shape = (spec.n_kv_heads, plan.max_len, spec.head_dim)
-        home = torch.device("cpu") if plan.kv_offloaded else device
-        pin = plan.kv_offloaded and device.type == "cuda"
-        # Offloaded, the host copy is position-major [max_len, rows, n_kv_heads, head_dim]: the
-        # prefix LoadKV copies and the entries SaveKV writes back are each one contiguous block, so
-        # both are single pinned DMA copies (a strided host copy would be staged through pageable
-        # memory and block the host until the stream catches up).
-        def home_shape(m: int) -> tuple[int, ...]:
-            rows = micro_rows(plan, m)
-            if plan.kv_offloaded:
-                return (plan.max_len, rows, spec.n_kv_heads, spec.head_dim)
-            return (rows, *shape)
-
+        self.arena: HostArena | None = None
         keys = [(layer, m) for layer in range(spec.n_layers) for m in range(plan.n_micro)]
-        if plan.kv_offloaded and plan.kv_disk:
-            self.home = _disk_pairs({k: home_shape(k[1]) for k in keys}, dtype, disk_dir)
+        if not plan.kv_offloaded:
+            shape = (spec.n_kv_heads, plan.max_len, spec.head_dim)
+            self.home = {k: _pair(torch.zeros, (micro_rows(plan, k[1]), *shape), device, dtype)
+                         for k in keys}
+            self.slots: list[dict[int, tuple]] = []  # per slot, per row count: position-major (k, v)
         else:
-            self.home = {k: _pair(home_shape(k[1]), home, dtype, pin) for k in keys}
-        n_slots = plan.n_kv_slots if plan.kv_offloaded else 0
-        self.slots = [_pair((plan.micro_batch, *shape), device, dtype, False) for _ in range(n_slots)]
-        self.slot_holds: list[tuple[int, int] | None] = [None] * n_slots
+            shapes = {k: (plan.max_len, micro_rows(plan, k[1]), spec.n_kv_heads, spec.head_dim)
+                      for k in keys}
+            if plan.kv_disk:
+                self.home = _disk_pairs(shapes, dtype, disk_dir)
+            else:
+                registrar = registrar if registrar is not None else memory.default_registrar(device)
+                self.arena, self.home = _arena_pairs(shapes, dtype, registrar)
+            self.slots = [_slot_views(spec, plan, device, dtype) for _ in range(plan.n_kv_slots)]
+        # attention's [rows, nkv, max_len, hd] views of the position-major slots
+        self._attention_views = [{rows: tuple(t.permute(1, 2, 0, 3) for t in pair)
+                                  for rows, pair in slot.items()} for slot in self.slots]
+        self.slot_holds: list[tuple[int, int] | None] = [None] * len(self.slots)
 
     def for_compute(self, layer: int, micro: int, slot: int | None) -> tuple[torch.Tensor, ...]:
-        """The (k, v) tensors attention reads and appends to."""
+        """The (k, v) tensors attention reads and appends to: [rows, n_kv_heads, max_len, head_dim]."""
         if slot is None:
             return self.home[(layer, micro)]
-        rows = micro_rows(self.plan, micro)
         self.slot_holds[slot] = (layer, micro)
-        return tuple(t[:rows] for t in self.slots[slot])
+        return self._attention_views[slot][micro_rows(self.plan, micro)]
 
     def load(self, layer: int, micro: int, slot: int, start: int) -> None:
         """Copy the first ``start`` cached positions of (layer, micro) into KV ``slot``."""
         rows = micro_rows(self.plan, micro)
-        for src, dst in zip(self.home[(layer, micro)], self.slots[slot]):
-            staged = torch.empty(src[:start].shape, dtype=src.dtype, device=dst.device)
-            staged.copy_(src[:start], non_blocking=True)           # [start, rows, nkv, hd]: one DMA
-            dst[:rows, :, :start].copy_(staged.permute(1, 2, 0, 3))  # device-side transpose
+        for src, dst in zip(self.home[(layer, micro)], self.slots[slot][rows]):
+            dst[:start].copy_(src[:start], non_blocking=True)  # [start, rows, nkv, hd]: one DMA
         self.slot_holds[slot] = (layer, micro)
 
     def save(self, layer: int, micro: int, slot: int, start: int, t: int) -> None:
@@ -80,17 +85,49 @@ class KVCache:
             raise RuntimeError(f"KV slot {slot} holds {self.slot_holds[slot]}, not "
                                f"{(layer, micro)}: the step graph lacks an ordering edge")
         rows = micro_rows(self.plan, micro)
-        for dst, src in zip(self.home[(layer, micro)], self.slots[slot]):
-            entries = src[:rows, :, start:start + t].permute(2, 0, 1, 3).contiguous()  # [t, rows, ...]
-            dst[start:start + t].copy_(entries, non_blocking=True)  # one DMA
+        for dst, src in zip(self.home[(layer, micro)], self.slots[slot][rows]):
+            dst[start:start + t].copy_(src[start:start + t], non_blocking=True)  # one DMA
 
     def nbytes(self) -> int:
         """Bytes of the full cache (wherever it lives)."""
         return sum(t.numel() * t.element_size() for pair in self.home.values() for t in pair)
 
+    @property
+    def pinned_nbytes(self) -> int:
+        """Page-locked host bytes of the offloaded cache."""
+        return self.arena.pinned_nbytes if self.arena is not None else 0
 
-def _pair(shape, device, dtype, pin) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(2))
+    def close(self) -> None:
+        """Unpin and drop the cache and the slots."""
+        self.home, self.slots, self._attention_views = {}, [], []
+        if self.arena is not None:
+            self.arena.close()
+
+
+def _pair(make, shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(make(shape, device=device, dtype=dtype) for _ in range(2))
+
+
+def _slot_views(spec: ModelSpec, plan: Plan, device, dtype) -> dict[int, tuple]:
+    """One device KV slot: flat K and V buffers for a full micro-batch, viewed position-major
+    [max_len, rows, nkv, hd] for each row count the micro-batches have (a contiguous prefix each)."""
+    per_row = plan.max_len * spec.n_kv_heads * spec.head_dim
+    flat = _pair(torch.zeros, (plan.micro_batch * per_row,), device, dtype)
+    row_counts = {micro_rows(plan, m) for m in range(plan.n_micro)}
+    return {rows: tuple(t[:rows * per_row].view(plan.max_len, rows, spec.n_kv_heads, spec.head_dim)
+                        for t in flat) for rows in row_counts}
+
+
+def _arena_pairs(shapes: dict, dtype: torch.dtype, registrar: PinRegistrar | None
+                 ) -> tuple[HostArena, dict]:
+    """K/V pairs of the given shapes carved from one host arena of exactly their size, pinned."""
+    nbytes = {key: math.prod(shape) * dtype.itemsize for key, shape in shapes.items()}
+    arena = HostArena(sum(2 * align_up(n, KV_ALIGN_NBYTES) for n in nbytes.values()), registrar,
+                      name="kv")
+    pairs = {key: tuple(arena.take(nbytes[key], KV_ALIGN_NBYTES).view(dtype).view(shape)
+                        for _ in range(2)) for key, shape in shapes.items()}
+    arena.pin()
+    return arena, pairs
 
 
 def _disk_pairs(shapes: dict, dtype: torch.dtype, directory: str | None) -> dict:

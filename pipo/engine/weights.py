@@ -1,11 +1,16 @@
 """Weights placed per the plan: resident blocks, host buffers, disk store, and the weight slots.
 
 - ``resident``: the block's tensors live in compute-device memory for the whole run.
-- ``host``: the block is packed once into one flat host buffer (pinned on CUDA); a LoadWeight task
-  copies it into a weight slot with one copy.
+- ``host``: the block is packed once into one flat host buffer; a LoadWeight task copies it into a
+  weight slot with one copy. All host buffers (and the disk staging buffers) are views of one
+  :class:`~pipo.runtime.memory.HostArena`, page-locked as a whole on CUDA: pinned bytes equal the
+  data, not the power-of-two sizes torch's pinned allocator would round each buffer up to.
 - ``disk``: the block stays in the offload store; a LoadWeight task on the disk lane reads it with
   aiofiles straight into a 4 KiB-aligned slot buffer. It is never held whole in RAM.
 Compute asks :meth:`PlacedWeights.block` for a block's tensors: resident ones, or views of its slot.
+With int4 weights on a GPU, placement also compiles the int4 kernels, and :meth:`PlacedWeights.block`
+makes this engine's :class:`~pipo.ops.int4_dispatch.Int4Workspace` current for the compute.
+:meth:`PlacedWeights.close` releases all of it.
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ from __future__ import annotations
 import torch
 
 from pipo.engine.blocks import BlockLayout, pack, rebase, views
+from pipo.io.aligned import ALIGN_NBYTES as DISK_ALIGN_NBYTES
+from pipo.ops import int4_dispatch
 from pipo.ops.layers import fuse_projections
-from pipo.plan import DISK, RESIDENT, Plan
+from pipo.plan import DISK, HOST, RESIDENT, Plan, estimate_block_nbytes
+from pipo.runtime import memory
+from pipo.runtime.memory import HostArena, PinRegistrar
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -45,25 +54,49 @@ def _converted(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dic
 
 
 class PlacedWeights:
-    """Owns every weight tensor of a run and the slot buffers streamed blocks pass through."""
+    """Owns every weight tensor of a run and the slot buffers streamed blocks pass through.
+
+    ``registrar`` page-locks the host arena (default: :func:`~pipo.runtime.memory.default_registrar`
+    of ``device``, i.e. cudaHostRegister on CUDA and nothing on the CPU).
+    """
 
     def __init__(self, source, plan: Plan, *, device: torch.device, dtype: torch.dtype,
-                 int4_group: int | None = None):
+                 int4_group: int | None = None, registrar: PinRegistrar | None = None):
         self.source, self.plan, self.device, self.dtype = source, plan, device, dtype
         self.int4_group = int4_group
         self.resident: dict[str, dict] = {}
         self.host: dict[str, tuple[torch.Tensor, BlockLayout]] = {}
         self.layouts: dict[str, BlockLayout] = {}
+        self.arena = HostArena(self._host_reserve_nbytes(),
+                               registrar if registrar is not None else memory.default_registrar(device),
+                               name="weights")
+        self.holds_int4 = False
+        self.int4_workspace: int4_dispatch.Int4Workspace | None = None  # CUDA only
         for block, tier in plan.placement:
             self._place(block, tier)
+        if not self.holds_int4 and self._has_disk() and (int4_group or store_is_int4(source)):
+            self._use_int4()
         self.slots = [self._slot_buffer() for _ in range(plan.n_weight_slots if self._streams()
                                                          else 0)]
         self.slot_views: list[dict] = [{} for _ in self.slots]
         self.slot_holds: list[str | None] = [None] * len(self.slots)
-        n_staging = len(self.slots) if plan.staged_disk else 0
-        self.staging = [self._staging_buffer() for _ in range(n_staging)]
+        n_staging = len(self.slots) if plan.staged_disk and self._has_disk() else 0
+        self.staging = [self.arena.take(source.max_block_nbytes, DISK_ALIGN_NBYTES)
+                        for _ in range(n_staging)]
         self.staging_views: list[dict] = [{} for _ in self.staging]
         self.staging_holds: list[str | None] = [None] * n_staging
+        self.arena.pin()
+
+    def _host_reserve_nbytes(self) -> int:
+        """Upper bound of the host arena: the host blocks' estimated sizes, per-tensor alignment
+        slack and the staging buffers (reserved address space only; an overrun maps more)."""
+        spec = self.source.spec
+        sizes = estimate_block_nbytes(spec, self.dtype.itemsize, self.int4_group)
+        host = [b for b, tier in self.plan.placement if tier == HOST]
+        nbytes = sum(sizes[b] + (64 << 10) for b in host)
+        if self.plan.staged_disk and self._has_disk():
+            nbytes += self.plan.n_weight_slots * (self.source.max_block_nbytes + DISK_ALIGN_NBYTES)
+        return nbytes
 
     def _streams(self) -> bool:
         return any(tier != RESIDENT for _, tier in self.plan.placement)
@@ -72,13 +105,22 @@ class PlacedWeights:
         if tier == DISK:
             return  # read per step by load_from_disk
         tensors = prepare_block(self.source.read_block(block), self.dtype, self.int4_group)
+        if not self.holds_int4 and any(not isinstance(v, torch.Tensor) for v in tensors.values()):
+            self._use_int4()
         if tier == RESIDENT:
             self.resident[block] = {k: v.to(self.device) for k, v in tensors.items()}
             self._share_tied_embedding(block)
         else:
-            pin = self.device.type == "cuda"
-            buffer, layout = pack(tensors, pin=pin)
+            buffer, layout = pack(tensors, self.arena.take)
             self.host[block], self.layouts[block] = (buffer, layout), layout
+
+    def _use_int4(self) -> None:
+        """Int4 weights take part: compile their kernels now (not in the first compute task) and,
+        on CUDA, keep one workspace for this engine's int4 launches."""
+        self.holds_int4 = True
+        int4_dispatch.prepare_kernels(self.device, self.dtype)
+        if self.device.type == "cuda":
+            self.int4_workspace = int4_dispatch.Int4Workspace()
 
     def _has_disk(self) -> bool:
         return any(tier == DISK for _, tier in self.plan.placement)
@@ -101,19 +143,19 @@ class PlacedWeights:
                 return aligned_empty(max(sizes))
         return torch.empty(max(sizes), dtype=torch.uint8, device=self.device)
 
-    def _staging_buffer(self) -> torch.Tensor:
-        from pipo.io.aligned import aligned_empty
-
-        return aligned_empty(self.source.max_block_nbytes, pin_memory=self.device.type == "cuda")
-
     def block(self, block: str, slot: int | None) -> dict:
-        """The tensors Compute uses for ``block``: resident, or the views of ``slot``."""
+        """The tensors Compute uses for ``block``: resident, or the views of ``slot``. With int4
+        weights, this engine's int4 workspace becomes current for the compute that follows."""
         if slot is None:
-            return self.resident[block]
-        if self.slot_holds[slot] != block:
+            tensors = self.resident[block]
+        elif self.slot_holds[slot] != block:
             raise RuntimeError(f"weight slot {slot} holds {self.slot_holds[slot]}, not {block}: "
                                "the step graph lacks an ordering edge")
-        return self.slot_views[slot]
+        else:
+            tensors = self.slot_views[slot]
+        if self.int4_workspace is not None:
+            self.int4_workspace.begin_block(tensors)
+        return tensors
 
     def load(self, block: str, slot: int) -> None:
         """Copy host (or staged disk) block ``block`` into weight ``slot`` (one copy)."""
@@ -147,3 +189,21 @@ class PlacedWeights:
     def _fill(self, slot: int, block: str, tensors: dict) -> None:
         self.slot_views[slot], self.slot_holds[slot] = tensors, block
 
+    @property
+    def pinned_nbytes(self) -> int:
+        """Page-locked host bytes (the arena's registered ranges)."""
+        return self.arena.pinned_nbytes
+
+    def close(self) -> None:
+        """Unpin and drop the host arena, the slots and the int4 workspace."""
+        if self.int4_workspace is not None:
+            self.int4_workspace.close()
+        self.resident, self.host, self.slot_views, self.staging_views = {}, {}, [], []
+        self.slots, self.staging = [], []
+        self.arena.close()
+
+
+def store_is_int4(source) -> bool:
+    """Whether ``source`` is an offload store holding 4-bit linear weights."""
+    index = getattr(source, "index", None)
+    return index is not None and any(t.quant is not None for b in index.blocks for t in b.tensors)

@@ -23,14 +23,15 @@ def is_aligned(buffer: torch.Tensor, align_nbytes: int = ALIGN_NBYTES) -> bool:
     return buffer.data_ptr() % align_nbytes == 0
 
 
-def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
+def aligned_empty(nbytes: int) -> torch.Tensor:
     """Uninitialised uint8 CPU tensor of ``nbytes`` bytes whose data starts on a 4 KiB boundary.
 
-    ``pin_memory=True`` page-locks the allocation (CUDA builds only) so host-to-device copies from
-    views of the buffer run asynchronously at full speed.
+    Pageable. Pinned staging buffers come from the engine's host arena instead
+    (:class:`pipo.runtime.memory.HostArena`, 4 KiB aligned views of one page-locked region), never
+    from torch's pinned allocator, which would round each buffer up to a power of two.
     """
     if nbytes < 0:
         raise ValueError(f"aligned_empty needs nbytes >= 0, got {nbytes}")
-    owner = torch.empty(nbytes + ALIGN_NBYTES, dtype=torch.uint8, pin_memory=pin_memory)
+    owner = torch.empty(nbytes + ALIGN_NBYTES, dtype=torch.uint8)
     skip_nbytes = (-owner.data_ptr()) % ALIGN_NBYTES
     return owner[skip_nbytes : skip_nbytes + nbytes]

@@ -2,13 +2,12 @@
 
 :func:`render` is the entry point (``pipo graph`` calls it): it picks the format from a file suffix
 (``.dot``, ``.json``, ``.png``, ``.svg``) or takes a bare format name and returns the content
-instead of writing it. Nodes are labelled with their task and coloured by lane, so a reader sees which
-activities may overlap.
+instead of writing it. Tasks are labelled by ``Task.label()`` (``load L0.attn → slot 1``).
 
-- DOT is written directly (no pydot); draw it with Graphviz: ``dot -Tsvg step.dot -o step.svg``.
-- PNG/SVG use matplotlib alone: nodes are placed by ``networkx.multipartite_layout`` over the
-  graph's topological generations (column i holds the tasks whose longest chain of predecessors has
-  i tasks), so everything in one column may run at the same time.
+- DOT is written directly (no pydot), the whole graph, coloured by lane; draw it with Graphviz:
+  ``dot -Tsvg step.dot -o step.svg``.
+- PNG/SVG use matplotlib alone (:mod:`pipo.runtime.picture`): one row per lane, time left to
+  right, a legend; deep models show some layers (``layers=``) and elide the middle.
 - JSON is :func:`pipo.runtime.graph.dumps_graph`, readable back with ``graph_from_json``.
 
 matplotlib is imported only when a picture is drawn; files are written atomically.
@@ -21,7 +20,7 @@ import os
 import secrets
 import zlib
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import networkx as nx
 
@@ -78,13 +77,12 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def to_dot(graph: nx.DiGraph, title: str = "step") -> str:
-    """DOT text of ``graph``: a box per task (label: kind and keys, colour: lane), and a legend."""
+    """DOT text of ``graph``: a box per task (label: ``Task.label()``, colour: lane), a legend."""
     lanes = ordered_lanes(graph.nodes[n]["task"].lane for n in graph)
     lines = [f"digraph {_quote(title)} {{", "  rankdir=LR;",
              '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];']
     for task in tasks_in_order(graph):
-        label = "\\n".join(_escape(part) for part in task_label(task.name).split("\n"))
-        lines.append(f'  {_quote(task.name)} [label="{label}", '
+        lines.append(f'  {_quote(task.name)} [label={_quote(task.label())}, '
                      f'fillcolor="{color_for(task.lane, LANE_COLORS)}", '
                      f'tooltip={_quote("lane " + task.lane)}];')
     for src, dst in sorted(graph.edges):
@@ -105,49 +103,6 @@ def _quote(text: str) -> str:
     return f'"{_escape(text)}"'
 
 
-def graph_figure(graph: nx.DiGraph, title: str | None = None):
-    """A matplotlib Figure of ``graph``: topological generations left to right, coloured by lane."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    columns = generation_columns(graph)
-    tallest = max((len(c) for c in columns), default=1)
-    fig = Figure(figsize=(min(2.0 + 1.5 * len(columns), 80.0), 1.8 + 0.75 * tallest), dpi=100)
-    ax = fig.add_subplot()
-    ax.set_axis_off()
-    if columns:
-        # a dict of lists keeps our order inside a column (a node attribute would give a set)
-        pos = nx.multipartite_layout(graph, subset_key=dict(enumerate(columns)))
-        lanes = [graph.nodes[n]["task"].lane for n in graph]
-        style = {"ax": ax, "node_size": 1400, "node_shape": "s"}
-        nx.draw_networkx_edges(graph, pos, arrowsize=8, width=0.7, edge_color="#555555", **style)
-        nx.draw_networkx_nodes(graph, pos, node_color=[color_for(x, LANE_COLORS) for x in lanes],
-                               **style)
-        nx.draw_networkx_labels(graph, pos, ax=ax, font_size=6, font_color="white",
-                                labels={n: task_label(n) for n in graph})
-        handles = [Patch(color=color_for(lane, LANE_COLORS), label=lane)
-                   for lane in ordered_lanes(lanes)]
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 1.0), fontsize=8,
-                  title="lane", title_fontsize=8, frameon=False, ncols=len(handles))
-    if title:
-        ax.set_title(title, fontsize=10, loc="left", pad=22)
-    ax.margins(x=0.02, y=0.12)
-    return fig
-
-
-def generation_columns(graph: nx.DiGraph) -> list[list[str]]:
-    """Topological generations, each ordered bottom-up so that compute ends on top, then by lane
-    and program order (the layout stacks a column's nodes from the bottom)."""
-    lane_rank = {lane: i for i, lane in enumerate(
-        ordered_lanes(graph.nodes[n]["task"].lane for n in graph))}
-
-    def key(node: str) -> tuple[int, int]:
-        return lane_rank[graph.nodes[node]["task"].lane], graph.nodes[node].get("order", 0)
-
-    return [sorted(generation, key=key, reverse=True)
-            for generation in nx.topological_generations(graph)]
-
-
 def figure_bytes(fig, fmt: str) -> bytes:
     """``fig`` saved as ``fmt`` ("png" or "svg"), reproducibly: no timestamp or version stamp, and
     fixed SVG ids, so that regenerated pictures show in a diff only when they changed."""
@@ -162,18 +117,23 @@ def figure_bytes(fig, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def graph_png(graph: nx.DiGraph, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Draw ``graph`` (see :func:`graph_figure`) into a PNG file at ``path``."""
-    return atomic_write(path, figure_bytes(graph_figure(graph, title), "png"))
+def graph_png(graph: nx.DiGraph, path: str | os.PathLike, title: str | None = None,
+              layers: Iterable[int] | None = None) -> Path:
+    """Draw ``graph`` (see :func:`pipo.runtime.picture.graph_figure`) into a PNG file."""
+    from pipo.runtime.picture import graph_figure
+
+    return atomic_write(path, figure_bytes(graph_figure(graph, title, layers), "png"))
 
 
-def render(graph: nx.DiGraph, path_or_format: str | os.PathLike,
-           title: str | None = None) -> Path | str | bytes:
+def render(graph: nx.DiGraph, path_or_format: str | os.PathLike, title: str | None = None,
+           layers: Iterable[int] | None = None) -> Path | str | bytes:
     """Render ``graph`` by the suffix of a path (write it, return the path) or by a format name.
 
     ``render(g, "step.png")`` writes a file; ``render(g, "dot")`` (a bare ``str`` format name)
     returns DOT text (``"json"``: text, ``"png"``/``"svg"``: bytes). Supported: ``.dot``, ``.json``,
-    ``.png``, ``.svg``; anything else raises ``ValueError``.
+    ``.png``, ``.svg``; anything else raises ``ValueError``. ``layers`` picks the model layers a
+    picture shows (default: all of a shallow model, else the first two and the last); DOT and JSON
+    always hold the whole graph.
     """
     target = os.fspath(path_or_format)
     is_name = isinstance(path_or_format, str) and target.lower() in FORMATS
@@ -186,5 +146,7 @@ def render(graph: nx.DiGraph, path_or_format: str | os.PathLike,
     elif fmt == "json":
         data = dumps_graph(graph)
     else:
-        data = figure_bytes(graph_figure(graph, title), fmt)
+        from pipo.runtime.picture import graph_figure
+
+        data = figure_bytes(graph_figure(graph, title, layers), fmt)
     return data if is_name else atomic_write(target, data)

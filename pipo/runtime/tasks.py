@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from pipo.io.spec import block_layer, block_part
+
 COMPUTE = "compute"
 LOAD_WEIGHT = "load_weight"
 LOAD_KV = "load_kv"
@@ -43,6 +45,17 @@ class Task:
         """Unique, readable node name, e.g. ``LoadWeight(L3.attn,1)``."""
         return f"{self.kind}({','.join('-' if k is None else str(k) for k in self.keys)})"
 
+    def label(self) -> str:
+        """What the task does, in a few words, for pictures (default: its name); kinds override
+        it, e.g. ``load L3.attn → slot 1``."""
+        return self.name
+
+    @property
+    def model_layer(self) -> int | None:
+        """The model layer the task works on, so that pictures of deep models can leave layers
+        out (default: ``None``, no layer)."""
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Compute(Task):
@@ -57,19 +70,39 @@ class Compute(Task):
     slot: int | None = None
     kv_slot: int | None = None
 
+    def label(self) -> str:
+        """``attn L3 · m0``: the block's part and layer, and the micro-batch."""
+        layer = block_layer(self.block)
+        part = block_part(self.block)
+        return f"{part if layer is None else f'{part} L{layer}'} · m{self.micro}"
+
+    @property
+    def model_layer(self) -> int | None:
+        """The block's layer (``None`` for embed and head)."""
+        return block_layer(self.block)
+
 
 @dataclass(frozen=True, slots=True)
 class LoadWeight(Task):
-    """Copy one block's weights from host memory (or disk) into weight slot ``slot``."""
+    """Copy one block's weights from host memory (or disk) into a weight slot (``slot``)."""
 
     block: str
     slot: int
     lane: str = field(default=LOAD_WEIGHT, kw_only=True)
 
+    def label(self) -> str:
+        """``load L3.attn → slot 1``."""
+        return f"load {self.block} → slot {self.slot}"
+
+    @property
+    def model_layer(self) -> int | None:
+        """The block's layer (``None`` for embed and head)."""
+        return block_layer(self.block)
+
 
 @dataclass(frozen=True, slots=True)
 class ReadBlock(Task):
-    """Read one block from the offload store into host staging buffer ``staging`` (disk lane).
+    """Read one block from the offload store into a host staging buffer (``staging``).
 
     Used where disk reads must land in pinned memory before a LoadWeight copies them to the device;
     the staging buffer is refilled only after that copy finished (a slot-reuse edge).
@@ -79,22 +112,49 @@ class ReadBlock(Task):
     staging: int
     lane: str = field(default=DISK, kw_only=True)
 
+    def label(self) -> str:
+        """``read L3.attn → staging 0``."""
+        return f"read {self.block} → staging {self.staging}"
+
+    @property
+    def model_layer(self) -> int | None:
+        """The block's layer (``None`` for embed and head)."""
+        return block_layer(self.block)
+
 
 @dataclass(frozen=True, slots=True)
 class LoadKV(Task):
-    """Copy the KV cache of (``layer``, ``micro``) from host memory into KV slot ``slot``."""
+    """Copy the KV cache of one layer and micro-batch from host memory into a KV slot."""
 
     layer: int
     micro: int
     slot: int
     lane: str = field(default=LOAD_KV, kw_only=True)
 
+    def label(self) -> str:
+        """``load KV L3 m1 → slot 0``."""
+        return f"load KV L{self.layer} m{self.micro} → slot {self.slot}"
+
+    @property
+    def model_layer(self) -> int:
+        """The layer whose cache this is."""
+        return self.layer
+
 
 @dataclass(frozen=True, slots=True)
 class SaveKV(Task):
-    """Copy the KV entries written this step for (``layer``, ``micro``) from ``slot`` back to host."""
+    """Copy the KV entries one layer and micro-batch wrote this step from a KV slot to the host."""
 
     layer: int
     micro: int
     slot: int
     lane: str = field(default=SAVE_KV, kw_only=True)
+
+    def label(self) -> str:
+        """``save KV L3 m1 from slot 0``."""
+        return f"save KV L{self.layer} m{self.micro} from slot {self.slot}"
+
+    @property
+    def model_layer(self) -> int:
+        """The layer whose cache this is."""
+        return self.layer

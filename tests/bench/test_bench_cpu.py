@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"system", "schedule", "steps", "t_prefill_s", "t_decode_s", "prefill_tok_s",
             "decode_tok_s", "total_tok_s", "compute_busy_frac", "gpu_busy_frac", "nvml_util_pct",
             "h2d_nbytes_per_step", "link_gbps", "link_limit_s_per_step", "step_s",
-            "achieved_h2d_gbps", "pipeline_efficiency", "peak_gpu_nbytes", "gpu_cap_nbytes"}
+            "achieved_h2d_gbps", "pipeline_efficiency", "peak_gpu_nbytes", "gpu_cap_nbytes",
+            "pinned_nbytes", "host_data_nbytes", "torch_pinned_nbytes"}
 
 
 def test_bench_runs_a_tiny_workload_end_to_end_and_writes_json_and_traces(tmp_path, capsys):

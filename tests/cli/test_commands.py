@@ -73,3 +73,30 @@ def test_convert_verify_and_generate_from_store(tiny_llama, tmp_path, capsys):
     blob.write_bytes(bytes(data))
     assert main(["verify", str(store)]) == 2
     assert "checksum" in capsys.readouterr().err
+
+
+def test_graph_layers_picks_the_drawn_layers_and_refuses_missing_ones(tiny_llama, tmp_path, capsys):
+    target = tmp_path / "one_layer.png"
+    assert main(["graph", str(tiny_llama), "--layers", "1", "--max-len", "64", "-o",
+                 str(target)]) == 0
+    assert target.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["graph", str(tiny_llama), "--layers", "0,5", "-o", str(tmp_path / "g.png")]) == 2
+    assert capsys.readouterr().err == "pipo: error: --layers 5: the model has layers 0-1\n"
+    with pytest.raises(SystemExit):
+        main(["graph", str(tiny_llama), "--layers", "first"])
+    assert "invalid layer list 'first'" in capsys.readouterr().err
+
+
+def test_generate_threads_sets_torch_and_numba_threads(tmp_path, monkeypatch, capsys):
+    import numba
+    import torch
+
+    from tests.cli.tiny_text_model import build_text_model
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("torch", n)))
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: calls.append(("numba", n)))
+    model = build_text_model(tmp_path / "model")
+    assert main(["generate", "--model", str(model), "hi", "-n", "2", "--threads", "1"]) == 0
+    assert calls == [("torch", 1), ("numba", 1)]

@@ -29,6 +29,9 @@ CASES = {
                                             dtype="float16")),
     "gemv_bf16_b7_long_row": ("gemv_int4", dict(out_features=5, in_features=1100, batch=7, group_size=64,
                                                 dtype="bfloat16")),
+    # group 16: two words per group, so the 4-byte-load variant of the kernel
+    "gemv_fp16_b2_g16_scalar": ("gemv_int4", dict(out_features=6, in_features=90, batch=2, group_size=16,
+                                                  dtype="float16")),
     "dequant_fp16": ("dequant_int4", dict(out_features=70, in_features=200, group_size=32, dtype="float16")),
     "dequant_bf16": ("dequant_int4", dict(out_features=21, in_features=130, group_size=64, dtype="bfloat16")),
     "dequant_fp32_g128": ("dequant_int4", dict(out_features=7, in_features=301, group_size=128,
@@ -47,11 +50,26 @@ for case_id, (module, kwargs) in json.loads(sys.argv[1]).items():
         results[case_id] = {"err": {"gemv_int4": gemv_int4, "dequant_int4": dequant_int4}[module].validate(**kwargs)}
     except AssertionError as exc:
         results[case_id] = {"failure": str(exc)}
-from pipo.ops.kernels import checks  # the prefill path: dequantize into scratch, then F.linear
+from pipo.ops.kernels import checks  # the prefill path: dequantize, then F.linear
+from pipo.ops.int4_dispatch import Int4Workspace, dequant_matmul
+results["gemv_fp16_b2_g16_scalar"]["vector"] = gemv_int4.vector_ready(
+    checks.random_quant(6, 90, 16, torch.device("cpu")))
 q = checks.random_quant(19, 130, 64, torch.device("cpu"), seed=3)
 x = checks.random_activations(11, 130, torch.float32, torch.device("cpu"))
-y = dequant_int4.dequant_matmul(x, q)
+y = dequant_matmul(x, q)
 results["dequant_matmul_fp32"] = {"err": checks.relative_error(y, gemv_int4.reference(x, q))}
+launches = []
+kernel = dequant_int4.dequant_int4
+dequant_int4.dequant_int4 = lambda *a, **k: launches.append(1) or kernel(*a, **k)
+workspace = Int4Workspace()  # one block, two micro-batches: one dequantize pass
+block = {"w": q}
+workspace.begin_block(block)
+y1 = dequant_matmul(x, q, workspace)
+y2 = dequant_matmul(x[:5], q, workspace)
+workspace.begin_block({"w": q})  # the next block: dequantized again
+dequant_matmul(x, q, workspace)
+results["dequant_once_per_block"] = {"launches": len(launches), "equal": bool(torch.allclose(y1[:5], y2)),
+                                     "err": checks.relative_error(y1, gemv_int4.reference(x, q))}
 print("RESULTS " + json.dumps(results))
 """
 
@@ -80,6 +98,15 @@ def test_kernel_matches_float64_reference_under_simulator(sim_results, case_id):
 
 def test_dequant_then_matmul_path_under_simulator(sim_results):
     assert sim_results["dequant_matmul_fp32"]["err"] <= 1e-3
+
+
+def test_group_16_takes_the_4_byte_load_kernel(sim_results):
+    assert sim_results["gemv_fp16_b2_g16_scalar"]["vector"] is False
+
+
+def test_prefill_dequantizes_each_matrix_once_per_block_under_simulator(sim_results):
+    result = sim_results["dequant_once_per_block"]
+    assert result["launches"] == 2 and result["equal"] and result["err"] <= 1e-3
 
 
 def _toolkit_or_skip() -> None:

@@ -8,10 +8,19 @@ numpy instead of libdevice.
 
 bf16 never reaches numba as bf16: tensors are viewed as int16 and kernels convert with the device
 functions :func:`load_bf16` / :func:`store_bf16` (a bf16 is the top half of an fp32).
+
+16-byte accesses: :func:`load_words4` / :func:`store_words4` read / write four consecutive int32 of
+a row as one vector instruction (``ld/st.global.v4.b32``; the caller guarantees 16-byte alignment),
+and :func:`pack_f16x2` packs two fp16 into one int32. On a GPU they are LLVM intrinsics; under the
+simulator, plain element accesses with the same results.
+
+Devices: launches go on the current stream of the tensors' device (``cuda:N``), inside
+:func:`device_scope` so numba uses that device's context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -41,17 +50,32 @@ def as_array(t: torch.Tensor):
     return cuda.as_cuda_array(t, sync=False)
 
 
+def weight_arrays(q) -> tuple:
+    """Kernel arguments for the tensors of the QuantTensor ``q``: (qweight, scales, mins). Wrapping
+    costs microseconds per tensor: wrap once per weight view and reuse (see
+    :class:`pipo.ops.int4_dispatch.Int4Workspace`)."""
+    return as_array(q.qweight), as_array(q.scales), as_array(q.mins)
+
+
 @functools.cache
 def _external_stream(handle: int):
     """numba's view of the CUDA stream ``handle`` (one object per stream, reused)."""
     return cuda.external_stream(handle)
 
 
-def current_stream():
-    """The stream to launch on: torch's current CUDA stream (the simulator's default stream: 0)."""
+def current_stream(device: torch.device):
+    """The stream to launch on: torch's current CUDA stream of ``device`` (simulator: 0)."""
     if SIMULATOR:
         return 0
-    return _external_stream(torch.cuda.current_stream().cuda_stream)
+    return _external_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
+def device_scope(device: torch.device):
+    """A context in which numba wraps and launches on ``device`` (its primary context for
+    ``cuda:N``, N > 0; numba's default, device 0, needs nothing)."""
+    if SIMULATOR or not device.index:
+        return contextlib.nullcontext()
+    return cuda.gpus[device.index]
 
 
 def kernel_device() -> torch.device:
@@ -66,7 +90,7 @@ def jit_kernel(pyfunc, signatures: list):
     return cuda.jit(signatures)(pyfunc)
 
 
-def _device(fn):
+def device_function(fn):
     """``fn`` as an inlined CUDA device function (a plain Python call under the simulator)."""
     return cuda.jit(device=True, inline=True)(fn)
 
@@ -85,32 +109,55 @@ else:
     _int_as_float = libdevice.int_as_float
     _float_as_int = libdevice.float_as_int
 
+if SIMULATOR:
 
-@_device
+    def load_words4(array, row, col):
+        """``array[row, col:col + 4]`` (int32) as a 4-tuple: one 16-byte load on a GPU."""
+        return array[row, col], array[row, col + 1], array[row, col + 2], array[row, col + 3]
+
+    def store_words4(array, row, col, w0, w1, w2, w3):
+        """``array[row, col:col + 4] = w0..w3`` (int32): one 16-byte store on a GPU."""
+        array[row, col], array[row, col + 1], array[row, col + 2], array[row, col + 3] = w0, w1, w2, w3
+
+    def pack_f16x2(lo, hi):
+        """Two float32 rounded to fp16 (nearest even), ``lo`` in the low half of an int32."""
+        return int(np.array([lo, hi], np.float16).view(np.int32)[0])
+
+else:
+    from pipo.ops.kernels.cuda_vector import load_words4, pack_f16x2, store_words4  # noqa: F401
+
+
+@device_function
+def float_as_int(v):
+    """The bits of a float32 as an int32."""
+    return _float_as_int(v)
+
+
+@device_function
 def load_float(v):
     """An fp16 or fp32 element as float32."""
     return float32(v)
 
 
-@_device
+@device_function
 def load_bf16(v):
     """A bf16 element, given as its int16 bits, as float32 (exact)."""
     return _int_as_float(int32(v) << 16)
 
 
-@_device
+@device_function
 def store_f16(v):
     """float32 -> fp16 (round to nearest even)."""
     return types.float16(v)
 
 
-@_device
+@device_function
 def store_f32(v):
     """float32 -> float32 (identity)."""
     return float32(v)
 
 
-@_device
+@device_function
 def store_bf16(v):
     """float32 -> bf16 bits as int16, rounded to nearest even (NaN payloads are not preserved)."""
     bits = _float_as_int(v)

@@ -1,12 +1,16 @@
-"""Dequantize int4 weights on the GPU into a reused scratch buffer, then multiply with torch.
+"""Dequantize int4 weights on the GPU, for batches where cuBLAS on dense weights beats the GEMV.
 
 For batches above the GEMV threshold the matrix product is compute-bound enough that cuBLAS wins:
-one pass writes ``W [out, in]`` (fp16, or the activations' bf16 / fp32) into a per-device scratch
-buffer and ``F.linear`` does the rest.
+one pass writes ``W`` (fp16, or the activations' bf16 / fp32) into a dense buffer and ``F.linear``
+does the rest (:func:`pipo.ops.int4_dispatch.dequant_matmul`, which owns the buffers).
+
+The output is ``[out, in_padded]`` (whole groups; the padding columns hold ``min`` and are sliced
+away by the caller), so every word's 8 values are written, with 16-byte stores.
 
 Kernel: grid ``(out, ceil(words / THREADS))``, one thread per int32 word (8 codes); consecutive
-threads read consecutive words of one row (coalesced) and write 8 consecutive outputs.
-Value: ``w = q * scale + min`` in fp32 (exact product, one rounding), then rounded to the output dtype.
+threads read consecutive words of one row (coalesced 4-byte loads) and each writes its 8 values as
+one 16-byte store (fp16 / bf16: pairs packed into int32) or two (fp32). Value: ``w = q * scale + min``
+in fp32 (exact product, one rounding), then rounded to the output dtype.
 
 llm.c-style: :func:`reference` (float64), :func:`validate`, :func:`bench`; ``python -m`` runs both.
 """
@@ -16,54 +20,90 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
-from numba import cuda, float32
+from numba import cuda, float32, int32
 from numba.core import types
 
 from pipo.ops.kernels import checks
-from pipo.ops.kernels.cuda_adapter import (LOAD_STORE, array_type, as_array, current_stream, jit_kernel,
-                                           kernel_device)
+from pipo.ops.kernels.cuda_adapter import (array_type, as_array, current_stream, device_function,
+                                           device_scope, float_as_int, jit_kernel, kernel_device,
+                                           pack_f16x2, store_bf16, store_words4, weight_arrays)
 from pipo.ops.quant import CODES_PER_WORD, QuantTensor, unpack_int4
 
 THREADS = 128  # threads per block; each handles one 32-bit word
+STORE_ALIGN_NBYTES = 16
 
 
-def _make_kernel(store):
-    """The dequantize kernel writing through the device function ``store`` (fp32 -> output dtype)."""
+@device_function
+def _store8_f16(out, n, w, v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight fp16 values of word ``w`` as one 16-byte store (``out``: the row's int32 view)."""
+    store_words4(out, n, 4 * w, pack_f16x2(v0, v1), pack_f16x2(v2, v3), pack_f16x2(v4, v5),
+                 pack_f16x2(v6, v7))
 
-    def dequant(qweight, scales, mins, out, in_features, words_per_group):
+
+@device_function
+def _pack_bf16x2(lo, hi):
+    return (int32(store_bf16(lo)) & 0xFFFF) | (int32(store_bf16(hi)) << 16)
+
+
+@device_function
+def _store8_bf16(out, n, w, v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight bf16 values of word ``w`` as one 16-byte store."""
+    store_words4(out, n, 4 * w, _pack_bf16x2(v0, v1), _pack_bf16x2(v2, v3), _pack_bf16x2(v4, v5),
+                 _pack_bf16x2(v6, v7))
+
+
+@device_function
+def _store8_f32(out, n, w, v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight fp32 values of word ``w`` as two 16-byte stores."""
+    store_words4(out, n, 8 * w, float_as_int(v0), float_as_int(v1), float_as_int(v2), float_as_int(v3))
+    store_words4(out, n, 8 * w + 4, float_as_int(v4), float_as_int(v5), float_as_int(v6),
+                 float_as_int(v7))
+
+
+STORE8 = {torch.float16: _store8_f16, torch.bfloat16: _store8_bf16, torch.float32: _store8_f32}
+
+
+def _make_kernel(store8):
+    """The dequantize kernel writing each word's 8 values through the device function ``store8``."""
+
+    def dequant(qweight, scales, mins, out, words_per_group):
         """out[n, 8w:8w+8] = q * scale + min for word w of row n (one thread per word)."""
         n = cuda.blockIdx.x
         w = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-        if n >= out.shape[0] or w * 8 >= in_features:
+        if n >= qweight.shape[0] or w >= qweight.shape[1]:
             return
         word = qweight[n, w]
         g = w // words_per_group
         s = float32(scales[n, g])
         m = float32(mins[n, g])
-        k0 = w * 8
-        for i in range(8):
-            if k0 + i < in_features:
-                out[n, k0 + i] = store(float32((word >> (4 * i)) & 15) * s + m)
+        store8(out, n, w, float32(word & 15) * s + m, float32((word >> 4) & 15) * s + m,
+               float32((word >> 8) & 15) * s + m, float32((word >> 12) & 15) * s + m,
+               float32((word >> 16) & 15) * s + m, float32((word >> 20) & 15) * s + m,
+               float32((word >> 24) & 15) * s + m, float32((word >> 28) & 15) * s + m)
 
     return dequant
 
 
 def kernel_function(dtype: torch.dtype):
     """The Python kernel function for output ``dtype`` (fp16, bf16 or fp32)."""
-    return _make_kernel(LOAD_STORE[dtype][1])
+    return _make_kernel(STORE8[dtype])
 
 
 def signature(dtype: torch.dtype):
-    """The kernel's one numba signature for ``dtype``: (qweight, scales, mins, out, in, words/group)."""
-    half = array_type(torch.float16)
-    return types.void(array_type(torch.int32), half, half, array_type(dtype), types.int32, types.int32)
+    """The kernel's one numba signature (the output is passed as its int32 view, for any ``dtype``)."""
+    words, half = array_type(torch.int32), array_type(torch.float16)
+    return types.void(words, half, half, words, types.int32)
 
 
 @functools.cache
 def _kernel(dtype: torch.dtype):
     """The kernel for ``dtype``, compiled on first use for its one signature."""
     return jit_kernel(kernel_function(dtype), [signature(dtype)])
+
+
+def prepare(dtype: torch.dtype) -> None:
+    """Compile the kernel for ``dtype`` now and load it into the current context."""
+    _kernel(dtype)
 
 
 @functools.cache
@@ -73,42 +113,19 @@ def _launcher(dtype: torch.dtype, out_features: int, n_words: int, stream):
     return _kernel(dtype)[grid, THREADS, stream]
 
 
-def dequant_int4(q: QuantTensor, out: torch.Tensor) -> torch.Tensor:
-    """Write the values of ``q`` into ``out [out_features, in_features]`` (fp16, bf16 or fp32)."""
-    out_f, in_f = q.shape
-    if tuple(out.shape) != (out_f, in_f) or not out.is_contiguous():
-        raise ValueError(f"dequant_int4: out must be contiguous {q.shape}, got {tuple(out.shape)}")
-    n_words = -(-in_f // CODES_PER_WORD)
-    launch = _launcher(out.dtype, out_f, n_words, current_stream())
-    launch(as_array(q.qweight), as_array(q.scales), as_array(q.mins), as_array(out), in_f,
-           q.group_size // CODES_PER_WORD)
+def dequant_int4(q: QuantTensor, out: torch.Tensor, *, weights: tuple | None = None) -> torch.Tensor:
+    """Write the values of ``q`` into ``out [out_features, in_padded]`` (fp16, bf16 or fp32; contiguous,
+    16-byte aligned). ``weights``: ``cuda_adapter.weight_arrays(q)`` made earlier (default: now)."""
+    out_f, n_words = q.qweight.shape
+    if tuple(out.shape) != (out_f, q.in_padded) or not out.is_contiguous() or \
+            out.data_ptr() % STORE_ALIGN_NBYTES:
+        raise ValueError(f"dequant_int4: out must be contiguous, 16-byte aligned {(out_f, q.in_padded)}, "
+                         f"got {tuple(out.shape)}")
+    with device_scope(out.device):
+        launch = _launcher(out.dtype, out_f, n_words, current_stream(out.device))
+        launch(*(weights or weight_arrays(q)), as_array(out.view(torch.int32)),
+               q.group_size // CODES_PER_WORD)
     return out
-
-
-_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-
-def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reused flat buffer of at least ``numel`` elements (grown, never shrunk).
-
-    One buffer per (device, dtype), used in stream order: callers on several streams at once must
-    not share it (pipo runs all compute on one stream).
-    """
-    key = (str(device), dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        _SCRATCH[key] = buf
-    return buf[:numel]
-
-
-def dequant_matmul(x2: torch.Tensor, q: QuantTensor) -> torch.Tensor:
-    """``x2 [rows, in] @ W^T -> [rows, out]`` via the dequantize kernel and ``F.linear``.
-
-    The scratch weight has ``x2``'s dtype (fp16 for fp16 activations); torch accumulates in fp32.
-    """
-    w = scratch(q.shape[0] * q.shape[1], x2.dtype, x2.device).view(q.shape)
-    return F.linear(x2, dequant_int4(q, w))  # [rows, out]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,11 +148,11 @@ def validate(out_features: int, in_features: int, group_size: int = 64, dtype: t
     """
     device = kernel_device()
     q = checks.random_quant(out_features, in_features, group_size, device, seed)
-    out = torch.full((out_features, in_features), float("nan"), dtype=dtype, device=device)
+    out = torch.full((out_features, q.in_padded), float("nan"), dtype=dtype, device=device)
     dequant_int4(q, out)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    err = checks.relative_error(out, reference(q))
+    err = checks.relative_error(out[:, :in_features], reference(q))
     assert err <= checks.tolerance(dtype), f"dequant_int4 {q.shape} g{group_size} {dtype}: rel err {err:.2e}"
     return err
 
@@ -143,7 +160,7 @@ def validate(out_features: int, in_features: int, group_size: int = 64, dtype: t
 def bench(out_features: int = 4096, in_features: int = 4096, group_size: int = 64, repeats: int = 20) -> dict:
     """Time the fp16 dequantize kernel; print and return seconds and GB/s (bytes read + written)."""
     q = checks.random_quant(out_features, in_features, group_size, torch.device("cuda"))
-    out = torch.empty(q.shape, dtype=torch.float16, device="cuda")
+    out = torch.empty(out_features, q.in_padded, dtype=torch.float16, device="cuda")
     elapsed_s = checks.time_cuda_s(lambda: dequant_int4(q, out), repeats)
     moved_nbytes = q.nbytes + out.numel() * out.element_size()
     gbps = moved_nbytes / elapsed_s / 1e9
