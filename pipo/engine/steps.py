@@ -19,7 +19,8 @@ attention inputs) after sampling. Tokens are unchanged: the same graph runs on t
 
 Device I/O is one of two small objects: :class:`HostIO` on a CPU (tensors stay where they are) and
 :class:`CudaIO` on a GPU (uploads from pinned host memory with ``non_blocking=True`` on the current
-stream; logits into pinned memory, an event, and the host wait on that event when sampling).
+stream; logits into pinned memory, an event, and the host wait on that event when sampling; one
+more host wait when the loop closes, so no copy of the generation is in flight afterwards).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class HostIO:
     def fetch(self, logits: torch.Tensor) -> Callable[[], torch.Tensor]:
         """A callable returning ``logits`` (already on the host)."""
         return lambda: logits
+
+    def barrier(self) -> None:
+        """Nothing to wait for: CPU work is done when its run returned."""
 
 
 class CudaIO:
@@ -75,6 +79,13 @@ class CudaIO:
             return host
 
         return wait
+
+    def barrier(self) -> None:
+        """Block the host until all work the current stream was ordered after is done (each run
+        ends with that stream waiting on its tasks), e.g. before host buffers are unpinned."""
+        done = self.cuda.Event()
+        done.record(self.cuda.current_stream(self.device))
+        done.synchronize()
 
 
 def step_io(device: torch.device) -> HostIO | CudaIO:
@@ -121,10 +132,13 @@ class StepLoop:
         self._started = self.runtime.start(self.program(phase), self.ctx)
 
     def close(self) -> None:
-        """Cancel a started step that will not be finished."""
+        """Cancel a started step that will not be finished, then wait until the device finished
+        every copy of this generation (a cancelled step's loads too): the caller may free or unpin
+        the host buffers they read next."""
         started, self._started = self._started, None
         if started is not None:
             started.cancel()
+        self.io.barrier()
 
     def _set_position(self, start: int, t: int) -> None:
         self.ctx.start, self.ctx.t = start, t
