@@ -74,7 +74,7 @@ def compile_program(graph: nx.DiGraph, executors: Executors) -> Program:
     names = tuple(nx.lexicographical_topological_sort(
         graph, key=lambda n: graph.nodes[n].get("order", 0)))
     index = {n: i for i, n in enumerate(names)}
-    depth = _longest_path_to_end(graph, names)
+    depth = longest_path_to_end(graph, names)
     tasks = tuple(graph.nodes[n]["task"] for n in names)
     lanes = tuple(t.lane for t in tasks)
     preds = tuple(tuple(index[p] for p in graph.predecessors(n)) for n in names)
@@ -89,7 +89,8 @@ def compile_program(graph: nx.DiGraph, executors: Executors) -> Program:
         sinks=tuple(i for i, s in enumerate(succs) if not s))
 
 
-def _longest_path_to_end(graph: nx.DiGraph, order: tuple[str, ...]) -> dict[str, int]:
+def longest_path_to_end(graph: nx.DiGraph, order: tuple[str, ...]) -> dict[str, int]:
+    """Per node: tasks on the longest path from it to the end of ``graph`` (``order``: topological)."""
     depth: dict[str, int] = {}
     for node in reversed(order):
         depth[node] = 1 + max((depth[s] for s in graph.successors(node)), default=0)
