@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -115,11 +116,13 @@ class EngineOptions:
         return DISK if hasattr(source, "read_block_into") else HOST
 
     def lane_factory(self) -> Callable:
-        """Lanes for the device: CUDA streams on a GPU, threads and the loop on CPU."""
-        if self.torch_device().type == "cuda":
+        """Lanes for the device: CUDA streams on the engine's GPU (``cuda:N``), threads and the
+        loop on CPU."""
+        device = self.torch_device()
+        if device.type == "cuda":
             from pipo.runtime.cuda_lanes import cuda_lane
 
-            return cuda_lane
+            return partial(cuda_lane, device=device)
         from pipo.runtime.lanes import cpu_lane
 
         return cpu_lane
