@@ -21,13 +21,13 @@ def load(path: str | Path | None = None, **options):
 
     ``options`` are :class:`pipo.engine.EngineOptions` fields: ``device``, ``dtype``, ``weights``
     (``"auto"`` or ``"int4"``), ``device_memory`` (bytes), ``placement``, ``kv_offload``,
-    ``schedule``, ``micro_batch``, ``n_weight_slots``, ``n_kv_slots``, ``trace``.
+    ``schedule``, ``micro_batch``, ``n_weight_slots``, ``n_kv_slots``, ``trace``. A 4-bit GGUF is read
+    4-bit: ``weights="int4"`` computes on its own blocks, ``"auto"`` dequantizes them at placement.
     """
     from pipo.engine import Engine, EngineOptions
     from pipo.io.source import open_model
 
-    opts = EngineOptions(**options)
-    return Engine(open_model(path, keep_quant=opts.weights == "int4"), opts)
+    return Engine(open_model(path), EngineOptions(**options))
 
 
 __all__ = ["load", "__version__"]

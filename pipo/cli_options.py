@@ -100,7 +100,7 @@ def open_engine_with(model, options):
     from pipo.engine import Engine
     from pipo.io.source import open_model
 
-    return Engine(open_model(model, keep_quant=options.weights == "int4"), options)
+    return Engine(open_model(model), options)
 
 
 def set_threads(n_threads: int | None) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipo.cli_options import (GROUP_SIZE_HELP, add_engine_options, add_model_option, open_engine,
+from pipo.cli_options import (add_engine_options, add_model_option, open_engine,
                               parse_size, positive_int)
 from pipo.cli_paths import check_output_file
 from pipo.errors import PipoError
@@ -46,10 +46,14 @@ def add_convert(sub) -> None:
     p.add_argument("model", help="GGUF file or Hugging Face safetensors directory")
     p.add_argument("out", type=Path, help="store directory to create")
     p.add_argument("--weights", choices=["keep", "fp16", "fp32", "int4"], default="keep",
-                   help="weight format of the store: keep (as in the checkpoint), fp16, fp32, or "
-                        "int4 (4-bit groups) (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=64, metavar="N", help=GROUP_SIZE_HELP)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+                   help="keep: tensors as the source stores them (4-bit and 8-bit GGUF blocks bit for "
+                        "bit); fp16/fp32: dequantize and cast; int4: keep, and quantize dense linear "
+                        "weights to 4 bits (default: keep)")
+    p.add_argument("--group-size", type=int, default=64, metavar="N",
+                   help="values per scale of weights quantized by --weights int4: 32, 64 or 128 "
+                        "(default: 64; already 4-bit GGUF blocks keep their 32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an existing pipo store (anything else is refused)")
     p.set_defaults(run=run_convert)
 
 

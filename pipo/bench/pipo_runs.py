@@ -19,7 +19,7 @@ import torch
 
 from pipo.bench import metrics
 from pipo.bench.random_model import RandomModel
-from pipo.bench.steptrace import gpu_step_stats, tasks_per_lane, write_step_trace
+from pipo.bench.steptrace import gpu_step_stats, write_step_trace
 from pipo.bench.workloads import Workload
 from pipo.runtime.tasks import COMPUTE, LOAD_KV, LOAD_WEIGHT
 
@@ -212,6 +212,5 @@ def _write_trace(engine, gen, lanes: dict, trace_dir: str, label: str) -> dict[s
     step = len(gen.step_stats) // 2  # step_stats[0] is the prefill
     host = gen.step_stats[step]
     if lanes:
-        per_lane = tasks_per_lane(engine.program(gen.plan, "decode"))
-        host = gpu_step_stats(host, lanes, per_lane, step - 1)
+        host = gpu_step_stats(host, lanes)
     return write_step_trace(host, trace_dir, label)

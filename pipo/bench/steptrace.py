@@ -3,9 +3,9 @@
 The engine (``EngineOptions(trace=True)``) keeps one :class:`~pipo.runtime.scheduler.RunStats` per
 step, with host-side start/end per task. On CUDA lanes the host only *enqueues* work, so those times
 say when a task was issued, not when the GPU ran it; the GPU times come from the lanes' timing events
-(:mod:`pipo.runtime.cuda_lanes`). A lane runs its tasks in the order the host issued them, so the
-k-th timed interval of a lane belongs to the k-th record of that lane, and a step's slice of a lane's
-events is fixed by how many tasks the step's program puts on that lane.
+(:mod:`pipo.runtime.cuda_lanes`). A lane runs its tasks in the order the host issued them, so within
+one run (the lanes tag each timed interval with ``RunStats.run_id``) the k-th timed interval of a
+lane belongs to the k-th record of that lane.
 """
 
 from __future__ import annotations
@@ -13,25 +13,24 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pipo.runtime.scheduler import Program, RunStats, TaskRecord
+from pipo.runtime.scheduler import RunStats, TaskRecord
 from pipo.runtime.trace import timeline_png, write_chrome_trace
 
 
-def tasks_per_lane(program: Program) -> Counter:
-    """How many tasks each lane runs per step of ``program``."""
-    return Counter(program.lanes)
-
-
-def gpu_step_stats(host: RunStats, timed_lanes: dict, per_lane: Counter, step: int) -> RunStats:
-    """``host``'s records with GPU times: step ``step`` (0-based among the timed steps).
+def gpu_step_stats(host: RunStats, timed_lanes: dict) -> RunStats:
+    """``host``'s records with GPU times where its run was timed.
 
     ``timed_lanes`` maps lane name -> CUDA lane whose ``timed`` list holds (start, end) events of
-    every timed task, in issue order. Times are seconds since the step's earliest GPU start.
+    every timed task in issue order and ``timed_runs`` the run id of each. A lane whose timed
+    tasks of this run do not match its records one to one (timing was switched on mid-run) keeps
+    its host times. Times are seconds since the step's earliest GPU start.
     """
+    counts = Counter(r.lane for r in host.records)
     events = {}
     for name, lane in timed_lanes.items():
-        n = per_lane.get(name, 0)
-        events[name] = lane.timed[step * n:(step + 1) * n]
+        pairs = [p for p, run in zip(lane.timed, lane.timed_runs) if run == host.run_id]
+        if len(pairs) == counts.get(name, 0):
+            events[name] = pairs
     starts = [pair[0] for pairs in events.values() for pair in pairs]
     if not starts:
         return host
@@ -54,7 +53,7 @@ def gpu_step_stats(host: RunStats, timed_lanes: dict, per_lane: Counter, step: i
     busy = Counter()
     for r in records:
         busy[r.lane] += r.end_s - r.start_s
-    return RunStats(wall_s=wall_s, busy_s=dict(busy), records=records)
+    return RunStats(wall_s=wall_s, busy_s=dict(busy), records=records, run_id=host.run_id)
 
 
 def write_step_trace(stats: RunStats, out_dir: str | Path, label: str) -> dict[str, str]:

@@ -1,7 +1,10 @@
 """The run context: every tensor a step's executors read or write, and the per-step values.
 
-Tasks hold only keys; executors find the data here. The engine fills the per-step fields (``start``,
-``t``, token ids, positions, masks) before each run of the same compiled step graph.
+Tasks hold only keys; executors find the data here. The engine fills the per-step fields before
+each run of the same compiled step graph, in two groups (:mod:`pipo.engine.steps`): ``start`` and
+``t`` before the step is started, since its leading loads (LoadWeight, ReadBlock, LoadKV: no compute
+precedes them) read them while the host still samples the previous token; the token ids, positions,
+masks and attention inputs only after sampling, so only tasks after a compute may read those.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The engine: plans a run, places weights and KV, compiles step graphs once, generates tokens.
 
 ``Engine.generate_ids`` is the whole loop: one prefill run of the prefill graph, then one run of the
-(same, compiled once) decode graph per new token; sampling happens between runs on the host.
+(same, compiled once) decode graph per new token; sampling happens between runs on the host, while
+the next step's leading loads already run (:mod:`pipo.engine.steps`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pipo.engine import executors as _executors  # noqa: F401 - registers the de
 from pipo.engine.context import StepContext
 from pipo.engine.kv import KVCache
 from pipo.engine.options import EngineOptions
+from pipo.engine.steps import StepLoop, step_io
 from pipo.engine.weights import PlacedWeights, store_is_int4
 from pipo.errors import GenerationError, PlanError
-from pipo.ops.layers import positions_from_mask
 from pipo.ops.rope import rope_tables
 from pipo.ops.sampling import SamplingParams, make_generator, sample
 from pipo.ops.traits import traits_for
@@ -41,16 +42,21 @@ class Generation:
 
 
 class Engine:
-    """Generates text from one model. Owns the runtime (lanes, event loop); close it when done."""
+    """Generates text from one model. Owns the runtime (lanes, event loop); close it when done.
+
+    ``runtime`` runs the step graphs; ``step_io`` moves each step's inputs and logits between host
+    and device (:mod:`pipo.engine.steps`).
+    """
 
     def __init__(self, source, options: EngineOptions | None = None):
         self.source = source
-        self.options = options or EngineOptions()
+        self.options = (options or EngineOptions()).for_source(source)
         self.spec = source.spec
         self.tokenizer = source.tokenizer
         self.device = self.options.torch_device()
         self.dtype = self.options.torch_dtype()
         self.runtime = Runtime(lane_factory=self.options.lane_factory(), trace=self.options.trace)
+        self.step_io = step_io(self.device)
         self._weights: PlacedWeights | None = None
         self._kv: KVCache | None = None
         self._programs: dict[tuple, Program] = {}
@@ -97,26 +103,35 @@ class Engine:
         result = Generation(tokens=[[] for _ in prompts], plan=plan)
         done = [False] * len(prompts)
         eos = set(self.spec.eos_ids)
-        for step in range(max_new_tokens):
-            phase, start = (PREFILL, 0) if step == 0 else (DECODE, longest + step - 1)
-            t0 = time.perf_counter()
-            logits = self._run_step(plan, phase, ctx, ids, mask, start, result)
-            next_ids = sample(logits, sampling, generator)
-            elapsed = time.perf_counter() - t0
-            if step == 0:
-                result.prefill_s = elapsed
-            else:
-                result.decode_s += elapsed
-            result.steps += 1
-            if keep_logits:
-                result.logits.append(logits)
-            fresh = _append(result.tokens, done, next_ids.tolist(), eos)
-            if on_step is not None:
-                on_step(fresh)
-            if all(done):
-                break
-            mask[:, longest + step] = True
-            ids = next_ids.view(-1, 1)
+        steps = StepLoop(self.runtime, self.step_io, ctx, plan,
+                         lambda phase: self.program(plan, phase), keep_stats=self.options.trace)
+        try:
+            for step in range(max_new_tokens):
+                phase, start = (PREFILL, 0) if step == 0 else (DECODE, longest + step - 1)
+                t0 = time.perf_counter()
+                logits_ready = steps.run(phase, start, ids, mask)
+                if step + 1 < max_new_tokens:  # the next step's leading loads go ahead now
+                    steps.start_next(DECODE, longest + step, 1)
+                logits = logits_ready()
+                next_ids = sample(logits, sampling, generator)
+                elapsed = time.perf_counter() - t0
+                if step == 0:
+                    result.prefill_s = elapsed
+                else:
+                    result.decode_s += elapsed
+                result.steps += 1
+                if keep_logits:
+                    result.logits.append(logits)
+                fresh = _append(result.tokens, done, next_ids.tolist(), eos)
+                if on_step is not None:
+                    on_step(fresh)
+                if all(done):
+                    break
+                mask[:, longest + step] = True
+                ids = next_ids.view(-1, 1)
+        finally:
+            steps.close()
+        result.step_stats = steps.stats
         return result
 
     def _check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -163,21 +178,6 @@ class Engine:
         if key not in self._programs:
             self._programs[key] = self.runtime.compile(build_step(self.spec, plan, phase))
         return self._programs[key]
-
-    def _run_step(self, plan, phase, ctx, ids, mask, start, result) -> torch.Tensor:
-        t = ids.shape[1]
-        ctx.start, ctx.t = start, t
-        positions = positions_from_mask(mask[:, :start + t])[:, start:]
-        rows = [slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
-                for m in range(plan.n_micro)]
-        ctx.ids = [ids[r].to(self.device) for r in rows]
-        ctx.positions = [positions[r].to(self.device) for r in rows]
-        ctx.key_mask = [mask[r].to(self.device) for r in rows]
-        ctx.attn_inputs = {}
-        stats = self.runtime.run(self.program(plan, phase), ctx)
-        if self.options.trace:
-            result.step_stats.append(stats)
-        return torch.cat([ctx.logits[m] for m in range(plan.n_micro)]).float().cpu()
 
     def generate(self, prompts: str | list[str], max_new_tokens: int = 64,
                  sampling: SamplingParams = SamplingParams(), *, chat: bool = False,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import torch
 
 from pipo.errors import PipoError
+from pipo.ops.quant import INT4_GROUP_SIZES
 from pipo.plan import DISK, HOST, PLACEMENTS, SCHEDULE_NAMES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -20,11 +22,13 @@ class EngineOptions:
     """Device, dtypes, memory budget and schedule settings of an :class:`Engine`.
 
     ``weights="int4"`` keeps 4-bit checkpoints 4-bit and quantizes dense ones (group ``group_size``);
-    ``"auto"`` computes on dense weights in ``dtype``. ``device_memory`` (bytes) caps resident
-    weights + weight slots + device KV; ``None`` keeps everything resident. ``placement`` other
-    than ``"auto"`` puts every block in one tier (``resident``, ``host``, ``disk``), like FlexGen's
-    fixed ``--percent``. ``staged_disk`` reads disk blocks into host staging buffers before copying
-    them to a slot (default: on CUDA only; on CPU the disk lane reads straight into the slot).
+    ``"auto"`` computes on dense weights in ``dtype`` (4-bit GGUF blocks are dequantized at
+    placement), except on an offload store holding int4 weights: a store's own format is its default
+    (:meth:`for_source`). ``device_memory`` (bytes) caps resident weights + weight slots + device
+    KV; ``None`` keeps everything resident. ``placement`` other than ``"auto"`` puts every block in
+    one tier (``resident``, ``host``, ``disk``), like FlexGen's fixed ``--percent``. ``staged_disk``
+    reads disk blocks into host staging buffers before copying them to a slot (default: on CUDA
+    only; on CPU the disk lane reads straight into the slot).
     ``kv_disk_dir`` keeps the offloaded KV cache in a scratch file in that directory (implies
     ``kv_offload``).
     """
@@ -58,7 +62,7 @@ class EngineOptions:
                             f"{', '.join(PLACEMENTS)}")
         if self.kv_disk_dir is not None and not os.path.isdir(self.kv_disk_dir):
             raise PipoError(f"--kv-disk {self.kv_disk_dir}: no such directory")
-        if self.group_size not in (32, 64, 128):
+        if self.group_size not in INT4_GROUP_SIZES:
             raise PipoError(f"--group-size must be 32, 64 or 128, got {self.group_size}")
 
     def torch_device(self) -> torch.device:
@@ -94,6 +98,15 @@ class EngineOptions:
                             "leave staged_disk unset")
         return on_cuda if self.staged_disk is None else self.staged_disk
 
+    def for_source(self, source) -> EngineOptions:
+        """These options with ``weights="auto"`` resolved to the source's own format: an offload store
+        holding int4 weights computes on them, with its smallest group (when a valid ``group_size``)."""
+        group = getattr(source, "int4_group_size", None)
+        if self.weights != "auto" or group is None:
+            return self
+        return replace(self, weights="int4",
+                       group_size=group if group in INT4_GROUP_SIZES else self.group_size)
+
     def int4_group(self) -> int | None:
         """Group size when weights are int4, else ``None``."""
         return self.group_size if self.weights == "int4" else None
@@ -103,11 +116,13 @@ class EngineOptions:
         return DISK if hasattr(source, "read_block_into") else HOST
 
     def lane_factory(self) -> Callable:
-        """Lanes for the device: CUDA streams on a GPU, threads and the loop on CPU."""
-        if self.torch_device().type == "cuda":
+        """Lanes for the device: CUDA streams on the engine's GPU (``cuda:N``), threads and the
+        loop on CPU."""
+        device = self.torch_device()
+        if device.type == "cuda":
             from pipo.runtime.cuda_lanes import cuda_lane
 
-            return cuda_lane
+            return partial(cuda_lane, device=device)
         from pipo.runtime.lanes import cpu_lane
 
         return cpu_lane

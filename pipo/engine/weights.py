@@ -19,8 +19,10 @@ import torch
 
 from pipo.engine.blocks import BlockLayout, pack, rebase, views
 from pipo.io.aligned import ALIGN_NBYTES as DISK_ALIGN_NBYTES
+from pipo.io.q8 import Q8Tensor, to_dense
 from pipo.ops import int4_dispatch
 from pipo.ops.layers import fuse_projections
+from pipo.ops.quant import QuantTensor, quantize
 from pipo.plan import DISK, HOST, RESIDENT, Plan, estimate_block_nbytes
 from pipo.runtime import memory
 from pipo.runtime.memory import HostArena, PinRegistrar
@@ -29,24 +31,34 @@ QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
-    """Cast dense floats to ``dtype``; with ``int4_group``, quantize the linear weights to int4;
-    fuse the q/k/v and gate/up matrices (see ``pipo.ops.layers.fuse_projections``).
+    """A block as computed on: with ``int4_group``, int4 weights stay int4 (GGUF Q4_0/Q4_1 blocks as
+    they are; never re-quantized) and the dense linear weights are quantized to ``int4_group``; without
+    it, int4 weights are dequantized to ``dtype`` (dense compute). Then :func:`_converted`, and the q/k/v
+    and gate/up matrices fused (see ``pipo.ops.layers.fuse_projections``).
 
-    Weights that arrive already 4-bit (GGUF Q4_0/Q4_1) stay 4-bit. Embeddings and the LM head stay
-    dense: they are gathers or a single large product whose accuracy matters most.
+    Embeddings and the LM head stay dense: they are gathers or a single large product whose accuracy
+    matters most.
     """
-    return fuse_projections(_converted(tensors, dtype, int4_group))
+    block = fuse_projections(_converted(tensors, dtype, int4_group))  # int4 parts fuse cheaply
+    if not int4_group:  # dequantize the fused matrices (no dense concatenation), fuse what is left
+        block = fuse_projections({k: to_dense(v, dtype) if isinstance(v, QuantTensor) else v
+                                  for k, v in block.items()})
+    return block
 
 
 def _converted(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
-    """``tensors`` cast (and maybe quantized) without fusing: disk blocks stay views of a slot."""
+    """``tensors`` cast (and maybe quantized) without fusing: disk blocks stay views of a slot.
+
+    int4 records stay as they are; Q8_0 records (kept GGUF embeddings and heads) are dequantized to
+    ``dtype``, or quantized to int4 with ``int4_group`` where they are linear weights.
+    """
     out = {}
     for name, value in tensors.items():
+        if isinstance(value, Q8Tensor):
+            value = to_dense(value)
         if not isinstance(value, torch.Tensor):
             out[name] = value
         elif int4_group and name in QUANTIZABLE:
-            from pipo.ops.quant import quantize
-
             out[name] = quantize(value.float(), group_size=int4_group)
         else:
             out[name] = value.to(dtype) if value.is_floating_point() else value
@@ -205,5 +217,4 @@ class PlacedWeights:
 
 def store_is_int4(source) -> bool:
     """Whether ``source`` is an offload store holding 4-bit linear weights."""
-    index = getattr(source, "index", None)
-    return index is not None and any(t.quant is not None for b in index.blocks for t in b.tensors)
+    return getattr(source, "int4_group_size", None) is not None

@@ -1,24 +1,25 @@
 """Block-by-block reads of a llama.cpp GGUF file (llama architecture).
 
-The file is parsed once with ``gguf.GGUFReader`` (a memory map: metadata is decoded, tensor data
-is not read). Tensors of type F32, F16, Q8_0, Q4_0 and Q4_1 are supported; any other type is
-refused when opening, naming the type, so a model never fails halfway through a run.
+The file is parsed once by :mod:`pipo.io.gguf_parse` (a private memory map: metadata is decoded,
+tensor data is not read). Tensors of type F32, F16, Q8_0, Q4_0 and Q4_1 are supported; any other type
+is refused when opening, naming the type, so a model never fails halfway through a run.
 
 Two llama.cpp conventions are undone so our weights equal Hugging Face's:
 
-* GGUF lists dims innermost-first; the reader's arrays are already ``[rows, cols]`` like torch.
+* GGUF lists dims innermost-first; :class:`~pipo.io.gguf_parse.GGUFTensorInfo` shapes are torch order.
 * ``convert_hf_to_gguf.py`` permutes the rows of ``attn_q`` / ``attn_k`` (per head, from HF's
   "rotate halves" rope layout to llama.cpp's "rotate pairs" one). :func:`rope_row_order` gives the
-  inverse row order, applied to dequantized weights and to 4-bit blocks alike: quantization blocks
+  inverse row order, applied to dequantized weights and to quantized blocks alike: quantization blocks
   never cross rows, so permuting rows commutes with (de)quantization.
 
-With ``keep_quant=True`` Q4_0 / Q4_1 matrices come back as ``pipo.ops.quant.QuantTensor`` built from
-the raw blocks; everything else is dequantized to float32.
+By default (``keep_quant=True``) tensors come back as stored: Q4_0 / Q4_1 matrices as
+``pipo.ops.quant.QuantTensor`` (bit-exact), Q8_0 matrices as :class:`pipo.io.q8.Q8Tensor`, F16 as
+fp16; placement decides what to compute on. ``keep_quant=False`` dequantizes everything to float32,
+vectorized over whole tensors (the same values as ``gguf.quants``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,24 @@ import numpy as np
 import torch
 
 from pipo.errors import ModelFormatError
+from pipo.io.gguf_parse import GGUFTensorInfo, parse_gguf
+from pipo.io.progress import LoadProgress
+from pipo.io.q8 import from_gguf_q8_0, to_dense
 from pipo.io.spec import ModelSpec, compile_name_rules, match_name_rules
 from pipo.io.tokenizer import Tokenizer, tokenizer_from_gguf
+from pipo.ops import quant
 from pipo.ops.traits import complete_layout
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
-_KEEPABLE_TYPES = ("Q4_0", "Q4_1")
-# A kept Q4_0 / Q4_1 weight becomes a group-32 QuantTensor: per 32 values, 16 bytes of codes plus an
-# fp16 scale and an fp16 min (Q4_0 gains a min, so both take 20 bytes).
-_KEPT_NBYTES_PER_32 = 20
-# What GGUFReader and numpy raise on a malformed or truncated file.
-_READER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError, OSError)
+# Bytes per 32 values of what read_block returns, by kept type (None: dequantized to float32). A kept
+# Q4_0 / Q4_1 weight is a group-32 QuantTensor: 16 bytes of codes plus an fp16 scale and min (Q4_0
+# gains a min); a Q8_0 one keeps its 32 int8 codes and fp16 scale.
+_KEPT_NBYTES_PER_32 = {None: 128, "F16": 64, "Q4_0": 20, "Q4_1": 20, "Q8_0": 34}
+# Per quantized type: bytes per block, and how many fp16 scale fields lead each block.
+_SCALE_LAYOUT = {"Q4_0": (18, 1), "Q4_1": (20, 2), "Q8_0": (34, 1)}
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16}
+_BUILDERS = {"Q4_0": quant.from_gguf_q4_0, "Q4_1": quant.from_gguf_q4_1, "Q8_0": from_gguf_q8_0}
 
 _RULES = compile_name_rules(
     (
@@ -116,105 +123,95 @@ def _check_rope(meta: dict[str, Any], arch: str, head_dim: int, tensor_names: se
 class GGUFFile:
     """A :class:`~pipo.io.source.WeightSource` over one GGUF file (owns its memory map)."""
 
-    def __init__(self, path: str | Path, keep_quant: bool = False) -> None:
+    def __init__(self, path: str | Path, keep_quant: bool = True) -> None:
         """Parse metadata and tensor index, check types and sizes; read no tensor data."""
         self.path = Path(path)
         self.keep_quant = keep_quant
-        reader = _open_reader(self.path)
-        meta = {key: _field_value(field) for key, field in reader.fields.items()}
-        tensors = {t.name: t for t in reader.tensors}
-        self.spec = spec_from_gguf(meta, set(tensors), name=self.path.stem)
+        contents = parse_gguf(self.path)
+        meta = contents.meta
+        self.spec = spec_from_gguf(meta, set(contents.tensors), name=self.path.stem)
         self.tokenizer: Tokenizer | None = tokenizer_from_gguf(meta) if "tokenizer.ggml.model" in meta else None
-        self._reader = reader
-        self._layout = self._build_layout(tensors)
+        self._layout = self._build_layout(contents.tensors)
+        self._progress = LoadProgress(self.spec.name, self.spec.block_names())
 
-    def _build_layout(self, tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """``{block: {canonical name: ReaderTensor}}``, complete for every block of the spec."""
+    def _build_layout(self, tensors: dict[str, GGUFTensorInfo]) -> dict[str, dict[str, GGUFTensorInfo]]:
+        """``{block: {canonical name: tensor info}}``, complete for every block of the spec."""
         layout: dict[str, dict[str, Any]] = {block: {} for block in self.spec.block_names()}
         for gguf_name, tensor in tensors.items():
             target = match_name_rules(_RULES, gguf_name)
             if target is None or target[0] not in layout:
                 continue
-            if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            if tensor.type_name not in SUPPORTED_TYPES:
                 raise ModelFormatError(
-                    f"{self.path}: tensor {gguf_name} has type {tensor.tensor_type.name}; "
+                    f"{self.path}: tensor {gguf_name} has type {tensor.type_name}; "
                     f"supported types: {', '.join(SUPPORTED_TYPES)}."
                 )
             layout[target[0]][target[1]] = tensor
         return complete_layout(self.spec, layout, self.path)
 
-    def _kept_quant(self, tensor: Any, keep_quant: bool) -> bool:
-        """Whether ``tensor`` is returned as a QuantTensor rather than dequantized."""
-        return keep_quant and tensor.tensor_type.name in _KEEPABLE_TYPES and len(tensor.data.shape) == 2
+    def _kept_type(self, tensor: GGUFTensorInfo, keep_quant: bool) -> str | None:
+        """The stored type ``tensor`` is returned in (Q4_0, Q4_1, Q8_0, F16), ``None`` if float32."""
+        if not keep_quant or tensor.type_name == "F32":
+            return None
+        if tensor.type_name == "F16" or len(tensor.shape) == 2:
+            return tensor.type_name
+        return None
 
     def block_nbytes(self, block: str, keep_quant: bool | None = None) -> int:
-        """Bytes :meth:`read_block` returns: 4 per element, or the QuantTensor's bytes for kept weights."""
+        """Bytes :meth:`read_block` returns: 4 per value, or the kept record's bytes."""
         keep = self.keep_quant if keep_quant is None else keep_quant
         return sum(
-            int(t.n_elements) * _KEPT_NBYTES_PER_32 // 32 if self._kept_quant(t, keep) else int(t.n_elements) * 4
-            for t in self._layout[block].values()
+            t.n_elements * _KEPT_NBYTES_PER_32[self._kept_type(t, keep)] // 32 for t in self._layout[block].values()
         )
 
     def read_block(self, block: str, keep_quant: bool | None = None) -> dict[str, Any]:
-        """Canonical tensors of ``block``: float32 tensors, or QuantTensors for kept 4-bit weights."""
+        """Canonical tensors of ``block``: kept records (QuantTensor, Q8Tensor, fp16) or float32 tensors.
+
+        Every tensor's scales (or values) are checked to be finite: a corrupt file is a ModelFormatError
+        naming the tensor, never NaN weights.
+        """
         keep = self.keep_quant if keep_quant is None else keep_quant
-        return {name: self._read(name, tensor, keep) for name, tensor in self._layout[block].items()}
+        tensors = {name: self._read(name, tensor, keep) for name, tensor in self._layout[block].items()}
+        self._progress.done(block)
+        return tensors
 
-    def _read(self, name: str, tensor: Any, keep_quant: bool) -> Any:
+    def _read(self, name: str, tensor: GGUFTensorInfo, keep_quant: bool) -> Any:
         """One tensor, dequantized or kept, with q/k rows put back in HF order."""
+        raw = tensor.raw()
+        if not _finite(raw, tensor.type_name):
+            raise ModelFormatError(
+                f"{self.path}: tensor {tensor.name} holds NaN or infinite values; the file is corrupt."
+            )
         order = self._row_order(name, tensor)
-        if self._kept_quant(tensor, keep_quant):
-            return _quant_tensor(tensor, order)
-        from gguf.quants import dequantize
-
+        if order is not None:  # whole rows of stored bytes: blocks never cross rows
+            raw = raw.reshape(tensor.shape[0], -1)[order].reshape(raw.shape)
         try:
-            values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-        except _READER_ERRORS as err:
+            return _decode(raw, tensor.type_name, tensor.shape, self._kept_type(tensor, keep_quant))
+        except ValueError as err:  # e.g. fp16 overflow of -8 * d when keeping Q4_0
             raise ModelFormatError(f"{self.path}: cannot read tensor {tensor.name}: {err}") from None
-        return values if order is None else values[torch.from_numpy(order)].contiguous()
 
-    def _row_order(self, name: str, tensor: Any) -> np.ndarray | None:
+    def _row_order(self, name: str, tensor: GGUFTensorInfo) -> np.ndarray | None:
         """The HF row order for q / k weights and biases, ``None`` for every other tensor."""
         if name not in ("wq", "bq", "wk", "bk"):
             return None
         n_heads = self.spec.n_heads if name in ("wq", "bq") else self.spec.n_kv_heads
-        return rope_row_order(int(tensor.data.shape[0]), n_heads)
+        return rope_row_order(int(tensor.shape[0]), n_heads)
 
 
-def _quant_tensor(tensor: Any, order: np.ndarray | None) -> Any:
-    """A ``pipo.ops.quant.QuantTensor`` over the raw Q4_0 / Q4_1 blocks of ``tensor``."""
-    from pipo.ops import quant
-
-    build = quant.from_gguf_q4_0 if tensor.tensor_type.name == "Q4_0" else quant.from_gguf_q4_1
-    shape = (int(tensor.shape[1]), int(tensor.shape[0]))  # GGUF dims are innermost-first
-    try:
-        qt = build(np.array(tensor.data, dtype=np.uint8), shape)
-    except ValueError as err:  # e.g. rows not a multiple of 32 values, fp16 overflow of -8 * d
-        raise ModelFormatError(f"tensor {tensor.name} cannot be kept as 4-bit: {err}") from None
-    if order is None:
-        return qt
-    rows = torch.from_numpy(order)
-    return dataclasses.replace(qt, **{f: getattr(qt, f)[rows].contiguous() for f in qt.tensor_fields})
+def _finite(raw: np.ndarray, type_name: str) -> bool:
+    """Whether a tensor's floats are finite: its values (F32, F16) or its block scales (and mins)."""
+    if type_name in _FLOAT_DTYPES:
+        return bool(np.isfinite(raw.view(_FLOAT_DTYPES[type_name])).all())
+    block_nbytes, n_floats = _SCALE_LAYOUT[type_name]
+    blocks = raw.reshape(-1, block_nbytes)
+    return bool(np.isfinite(np.ascontiguousarray(blocks[:, : 2 * n_floats]).view(np.float16)).all())
 
 
-def _open_reader(path: Path) -> Any:
-    """``GGUFReader`` over ``path`` with every malformed-file error turned into ModelFormatError."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-        size = path.stat().st_size
-        for tensor in reader.tensors:
-            if int(tensor.data_offset) + int(tensor.n_bytes) > size:
-                raise ValueError(f"tensor {tensor.name} ends past the end of the file")
-        return reader
-    except FileNotFoundError:
-        raise ModelFormatError(f"no such file or directory: {path}") from None
-    except _READER_ERRORS as err:
-        raise ModelFormatError(f"{path} is not a valid GGUF file (corrupt or truncated): {err}") from None
-
-
-def _field_value(field: Any) -> Any:
-    """Python value of a GGUF metadata field (str, number, bool or list)."""
-    value = field.contents()
-    return value.tolist() if isinstance(value, np.ndarray) else value
+def _decode(raw: np.ndarray, type_name: str, shape: tuple[int, ...], kept: str | None) -> Any:
+    """The tensor from its raw bytes: the kept record when ``kept``, else float32 (whole-tensor ops)."""
+    if type_name in _FLOAT_DTYPES:
+        values = torch.from_numpy(raw.view(_FLOAT_DTYPES[type_name]).reshape(shape))
+        return values.float() if kept is None and type_name == "F16" else values.clone()
+    matrix = shape if len(shape) == 2 else (1, shape[0])
+    record = _BUILDERS[type_name](raw.reshape(matrix[0], -1), matrix)
+    return record if kept else to_dense(record).reshape(shape)

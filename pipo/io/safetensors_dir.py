@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from pipo.errors import ModelFormatError
 from pipo.io.hf_config import load_spec
+from pipo.io.progress import LoadProgress
 from pipo.io.spec import ModelSpec, compile_name_rules, match_name_rules
 from pipo.io.tokenizer import Tokenizer, tokenizer_from_hf_dir
 from pipo.ops.traits import complete_layout
@@ -154,6 +155,7 @@ class SafetensorsDir:
         self._handles: dict[Path, Any] = {}
         has_tokenizer = (self.path / "tokenizer.json").is_file()
         self.tokenizer: Tokenizer | None = tokenizer_from_hf_dir(self.path, self.spec) if has_tokenizer else None
+        self._progress = LoadProgress(self.spec.name or self.path.name, self.spec.block_names())
 
     def _build_layout(self) -> dict[str, dict[str, StoredTensor]]:
         """``{block: {canonical name: StoredTensor}}``, complete for every block of the spec."""
@@ -174,13 +176,20 @@ class SafetensorsDir:
         return sum(t.nbytes for t in self._layout[block].values())
 
     def read_block(self, block: str) -> dict[str, torch.Tensor]:
-        """Read every tensor of ``block`` into fresh (non-mapped) CPU memory, in the stored dtype."""
+        """Read every tensor of ``block`` into fresh (non-mapped) CPU memory, in the stored dtype.
+
+        A tensor holding NaN or infinite values is a ModelFormatError naming it (a corrupt file)."""
         out = {}
         for name, stored in self._layout[block].items():
             try:
                 out[name] = self._handle(stored.file).get_tensor(stored.hf_name).clone()
             except SafetensorError as err:
                 raise ModelFormatError(f"{stored.file}: cannot read {stored.hf_name!r}: {err}") from None
+            if out[name].is_floating_point() and not bool(torch.isfinite(out[name]).all()):
+                raise ModelFormatError(
+                    f"{stored.file}: tensor {stored.hf_name} holds NaN or infinite values; the file is corrupt."
+                )
+        self._progress.done(block)
         return out
 
     def _handle(self, file: Path) -> Any:

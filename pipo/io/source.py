@@ -48,8 +48,13 @@ class WeightSource(Protocol):
         ...
 
 
-def open_model(path: str | Path | None = None, *, keep_quant: bool = False) -> WeightSource:
-    """Open the model at ``path`` (see the module table); ``keep_quant`` applies to GGUF files."""
+def open_model(path: str | Path | None = None, *, keep_quant: bool = True) -> WeightSource:
+    """Open the model at ``path`` (see the module table).
+
+    ``keep_quant`` applies to GGUF files: by default their quantized blocks come back as stored
+    (bit-exact records; placement or ``convert`` decide what to do with them); ``False`` dequantizes
+    every tensor to float32 when read.
+    """
     if path is None or str(path) == "default":
         from pipo.io.default_model import default_model_path
 

@@ -17,9 +17,12 @@ A store is a directory holding
 
 - optionally ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face layout).
 
-A quantized tensor is stored as several arrays (its ``QuantTensor.to_parts()``), one entry each, all
+A quantized tensor is stored as several arrays (its record's ``to_parts()``), one entry each, all
 with the tensor's name and a ``quant`` record ``{"scheme", "part", "shape", "group_size"}`` where
-``shape`` is the logical (dequantized) shape. ``crc32`` covers the whole padded blob.
+``shape`` is the logical (dequantized) shape and ``scheme`` names the record type (:data:`RECORD_TYPES`):
+``"int4"`` (:class:`pipo.ops.quant.QuantTensor`: packed codes, scales, mins) or ``"q8_0"``
+(:class:`pipo.io.q8.Q8Tensor`: int8 codes, scales — GGUF Q8_0 kept as is). ``crc32`` covers the whole
+padded blob.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ import torch
 
 from pipo.errors import ModelFormatError
 from pipo.io.aligned import ALIGN_NBYTES
+from pipo.io.q8 import Q8Tensor
 from pipo.io.spec import ModelSpec, RopeScaling
+from pipo.ops.quant import QuantTensor
 
 FORMAT_NAME = "pipo-store"
 FORMAT_VERSION = 1
 INDEX_NAME = "pipo-store.json"
 DATA_NAME = "blocks.bin"
 WEIGHT_MODES = ("keep", "fp16", "fp32", "int4")
+# quant scheme in the index -> the record type its parts rebuild (both have to_parts / from_parts)
+RECORD_TYPES = {"int4": QuantTensor, "q8_0": Q8Tensor}
 
 _DTYPES = {
     "float16": torch.float16,
@@ -61,7 +68,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 class QuantParams:
     """How one stored array belongs to a quantized tensor."""
 
-    scheme: str  # "int4"
+    scheme: str  # a key of RECORD_TYPES
     part: str  # key in QuantTensor.to_parts()
     shape: tuple[int, ...]  # logical shape of the whole quantized tensor
     group_size: int
@@ -241,6 +248,8 @@ def _entry_problem(entry: TensorEntry, blob_nbytes: int) -> str | None:
     """What is wrong with one array entry, or None."""
     if entry.dtype not in _DTYPES:
         return f"has unknown dtype {entry.dtype!r}"
+    if entry.quant is not None and entry.quant.scheme not in RECORD_TYPES:
+        return f"has unknown quantization scheme {entry.quant.scheme!r}"
     numel = 1
     for dim in entry.shape:
         numel *= dim

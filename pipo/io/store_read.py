@@ -31,10 +31,12 @@ import torch
 
 from pipo.errors import ModelFormatError
 from pipo.io.aligned import ALIGN_NBYTES, aligned_empty, is_aligned
+from pipo.io.progress import LoadProgress
 from pipo.io.spec import ModelSpec
 from pipo.io.store_format import (
     DATA_NAME,
     INDEX_NAME,
+    RECORD_TYPES,
     BlockEntry,
     SourceFingerprint,
     StoreIndex,
@@ -42,7 +44,6 @@ from pipo.io.store_format import (
     dtype_from_name,
     index_from_dict,
 )
-from pipo.ops.quant import QuantTensor
 
 DEFAULT_CHUNK_NBYTES = 8 << 20
 DEFAULT_DEPTH = 4
@@ -67,6 +68,7 @@ class OffloadStore:
         self._async_fd: int | None = None
         self._direct: bool | None = None
         self._tokenizer: Any = None
+        self._progress = LoadProgress(self.spec.name or self._path.name, self.spec.block_names())
 
     @property
     def spec(self) -> ModelSpec:
@@ -103,6 +105,13 @@ class OffloadStore:
         return max(block.nbytes for block in self._index.blocks)
 
     @property
+    def int4_group_size(self) -> int | None:
+        """The smallest group size of the store's int4 weights; ``None`` when it holds none."""
+        groups = [t.quant.group_size for b in self._index.blocks for t in b.tensors
+                  if t.quant is not None and t.quant.scheme == "int4"]
+        return min(groups, default=None)
+
+    @property
     def direct(self) -> bool | None:
         """Whether async reads use ``O_DIRECT`` (``None`` before the first async read)."""
         return self._direct
@@ -116,10 +125,11 @@ class OffloadStore:
         return self._entry(block).nbytes
 
     def read_block(self, block: str) -> dict[str, Any]:
-        """Canonical tensors of ``block`` (QuantTensor for int4 ones), in fresh memory of their own."""
+        """Canonical tensors of ``block`` (quantized ones as their records), in fresh memory of their own."""
         entry = self._entry(block)
         blob = aligned_empty(entry.nbytes)
         _pread_full(self._fd, memoryview(blob.numpy()), entry.offset_nbytes, self._where(entry))
+        self._progress.done(block)
         return _tensors_from_blob(blob, entry.tensors)
 
     async def read_block_into(
@@ -294,7 +304,7 @@ def _tensors_from_blob(blob: torch.Tensor, entries: tuple[TensorEntry, ...]) -> 
         quant = {e.name: e.quant for e in entries if e.quant is not None}
         for name, tensor_parts in parts.items():
             params = quant[name]
-            out[name] = QuantTensor.from_parts(tensor_parts, params.shape, params.group_size)
+            out[name] = RECORD_TYPES[params.scheme].from_parts(tensor_parts, params.shape, params.group_size)
     return out
 
 

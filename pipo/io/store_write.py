@@ -1,14 +1,19 @@
 """Convert any weight source into a pipo offload store (layout: :mod:`pipo.io.store_format`).
 
-Policy. The store is written into a fresh hidden directory next to ``out_dir`` and only renamed to
-``out_dir`` once the data file, the index and the tokenizer files are complete and fsynced; any
-exception (including the test hook ``fail_after_blocks``) removes that directory, so a reader never sees
-a half-written store and no stray files are left. Blocks are converted one at a time: peak memory is
-one block's source tensors plus its blob.
+Policy. The store is written into a fresh hidden work directory next to ``out_dir``, named after the
+writing process (:mod:`pipo.io.store_tmp`), and only renamed to ``out_dir`` once the data file, the
+index and the tokenizer files are complete and fsynced; any exception (including the test hook
+``fail_after_blocks``) removes that directory, so a reader never sees a half-written store, and work
+directories left by killed writers are removed by the next convert into the same parent. ``overwrite``
+replaces an existing pipo store only (a directory whose ``pipo-store.json`` parses); anything else at
+``out_dir`` is refused, never deleted. Blocks are converted one at a time: peak memory is one block's
+source tensors plus its blob.
 
-Weight modes: ``keep`` stores tensors as the source gives them; ``fp16``/``fp32`` cast floating tensors;
-``int4`` quantizes 2-D linear weights (names starting with ``w``; embeddings ``tok``/``pos`` never)
-with :func:`pipo.ops.quant.quantize` and casts the other floating tensors to fp16.
+Weight modes: ``keep`` stores tensors as the source gives them — GGUF Q4_0 / Q4_1 blocks as int4
+records and Q8_0 ones as q8_0 records, bit for bit; ``fp16`` / ``fp32`` dequantize records and cast
+floating tensors; ``int4`` is ``keep`` plus quantizing the layers' linear weights that are not 4-bit yet
+(dense or Q8_0) with :func:`pipo.ops.quant.quantize`, as the engine's ``--weights int4`` does:
+embeddings and the LM head stay as they are, and 4-bit weights are never quantized again.
 """
 
 from __future__ import annotations
@@ -16,18 +21,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipo.errors import PipoError
+from pipo.errors import ModelFormatError, PipoError
 from pipo.io.aligned import align_up
+from pipo.io.q8 import Q8Tensor, to_dense
 from pipo.io.store_format import (
     DATA_NAME,
     INDEX_NAME,
+    RECORD_TYPES,
     WEIGHT_MODES,
     BlockEntry,
     QuantParams,
@@ -37,10 +43,12 @@ from pipo.io.store_format import (
     fingerprint,
     index_to_dict,
 )
-from pipo.ops.quant import QuantTensor, dequantize, quantize
+from pipo.io.store_tmp import make_work_dir, remove_stale_work_dirs
+from pipo.ops.quant import INT4_GROUP_SIZES, quantize
 
-_CAST_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int4": torch.float16}
+_CAST_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_SCHEMES = {record: scheme for scheme, record in RECORD_TYPES.items()}
 
 # One stored array before layout: (tensor name, bytes as a tensor, quant params or None).
 _Array = tuple[str, torch.Tensor, QuantParams | None]
@@ -57,17 +65,20 @@ def convert(
 ) -> Path:
     """Write ``source`` (a WeightSource) as an offload store in ``out_dir`` and return its path.
 
-    ``weights`` is one of keep / fp16 / fp32 / int4; ``group_size`` is the int4 quantization group.
-    An existing ``out_dir`` is a PipoError unless ``overwrite``. ``fail_after_blocks=N`` raises after
-    N blocks are written (tests of the cleanup path).
+    ``weights`` is one of keep / fp16 / fp32 / int4; ``group_size`` (32, 64 or 128) is the group of
+    dense weights quantized by ``int4``. An existing ``out_dir`` is a PipoError unless ``overwrite``
+    and it is a pipo store. ``fail_after_blocks=N`` raises after N blocks are written (tests of the
+    cleanup path).
     """
     if weights not in WEIGHT_MODES:
         raise PipoError(f"Unknown weights mode {weights!r}; use one of {', '.join(WEIGHT_MODES)}.")
+    if group_size not in INT4_GROUP_SIZES:
+        raise PipoError(f"--group-size must be 32, 64 or 128, got {group_size}")
     out_path = Path(out_dir)
-    if out_path.exists() and not overwrite:
-        raise PipoError(f"{out_path} already exists; choose another directory or pass overwrite=True.")
+    _check_destination(out_path, overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    remove_stale_work_dirs(out_path.parent)
+    tmp_path = make_work_dir(out_path)
     try:
         blocks = _write_blocks(source, tmp_path / DATA_NAME, weights, group_size, fail_after_blocks)
         index = StoreIndex(
@@ -76,11 +87,32 @@ def convert(
         _write_json(tmp_path / INDEX_NAME, index_to_dict(index))
         _save_tokenizer(source.tokenizer, tmp_path)
         _fsync_path(tmp_path)
-        _install(tmp_path, out_path)
+        _install(tmp_path, out_path, overwrite)
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
     return out_path
+
+
+def _check_destination(out_path: Path, overwrite: bool) -> None:
+    """PipoError unless ``out_path`` is free, or ``overwrite`` and it holds a pipo store."""
+    if not out_path.exists() and not out_path.is_symlink():
+        return
+    if not overwrite:
+        raise PipoError(f"{out_path} already exists; choose another directory or pass overwrite=True.")
+    refusal = f"refusing to overwrite {out_path}: it is not a pipo store"
+    if out_path.is_symlink():
+        raise PipoError(f"{refusal} (a symbolic link); remove it yourself or choose another directory.")
+    if not out_path.is_dir():
+        raise PipoError(f"{refusal} (a file); remove it yourself or choose another directory.")
+    from pipo.io.store_read import load_index
+
+    try:
+        load_index(out_path)
+    except ModelFormatError:
+        raise PipoError(
+            f"{refusal} (no readable {INDEX_NAME}); remove it yourself or choose another directory."
+        ) from None
 
 
 def _write_blocks(
@@ -109,30 +141,40 @@ def _block_arrays(tensors: dict[str, Any], weights: str, group_size: int) -> lis
     """The arrays to store for one block's canonical tensors, after the weights-mode conversion."""
     arrays: list[_Array] = []
     for name, value in tensors.items():
-        if isinstance(value, QuantTensor) and weights in ("keep", "int4"):
-            arrays += _quant_arrays(name, value)
-        elif isinstance(value, QuantTensor):
-            arrays.append((name, dequantize(value).to(_CAST_DTYPES[weights]), None))
-        elif weights == "int4" and _is_linear_weight(name, value):
-            arrays += _quant_arrays(name, quantize(value, group_size))
-        elif weights != "keep" and value.is_floating_point():
-            arrays.append((name, value.to(_CAST_DTYPES[weights]), None))
+        stored = _converted(name, value, weights, group_size)
+        if isinstance(stored, torch.Tensor):
+            arrays.append((name, stored, None))
         else:
-            arrays.append((name, value, None))
+            arrays += _record_arrays(name, stored)
     return arrays
 
 
-def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
-    """Whether ``int4`` mode quantizes this tensor: 2-D linear weights, never embeddings."""
-    return name.startswith("w") and tensor.ndim == 2 and tensor.is_floating_point()
+def _converted(name: str, value: Any, weights: str, group_size: int) -> Any:
+    """One tensor as ``weights`` stores it: a dense tensor or a quantized record."""
+    if weights in _CAST_DTYPES:
+        return to_dense(value, _CAST_DTYPES[weights])
+    if weights == "int4" and _is_layer_matrix(name, value):
+        return quantize(to_dense(value), group_size)
+    return value
 
 
-def _quant_arrays(name: str, quant: QuantTensor) -> list[_Array]:
-    """One array per QuantTensor part, all tagged with the tensor's logical shape and group size."""
-    shape = tuple(int(d) for d in quant.shape)
+def _is_layer_matrix(name: str, value: Any) -> bool:
+    """Whether ``int4`` mode quantizes this tensor: a layer's linear weight, dense or 8-bit (as the
+    engine's ``--weights int4`` does); never embeddings or the LM head, never a weight already 4-bit."""
+    if not name.startswith("w") or name == "w_out":
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 2 and value.is_floating_point()
+    return isinstance(value, Q8Tensor)
+
+
+def _record_arrays(name: str, record: Any) -> list[_Array]:
+    """One array per part of a quantized record, all tagged with its scheme, logical shape and group."""
+    shape = tuple(int(d) for d in record.shape)
+    scheme = _SCHEMES[type(record)]
     return [
-        (name, part, QuantParams("int4", part_name, shape, int(quant.group_size)))
-        for part_name, part in quant.to_parts().items()
+        (name, part, QuantParams(scheme, part_name, shape, int(record.group_size)))
+        for part_name, part in record.to_parts().items()
     ]
 
 
@@ -179,16 +221,18 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _install(tmp_path: Path, out_path: Path) -> None:
-    """Atomically move the finished store to ``out_path``, replacing an old one (overwrite=True)."""
+def _install(tmp_path: Path, out_path: Path, overwrite: bool) -> None:
+    """Atomically move the finished store to ``out_path``, replacing an old store (``overwrite``).
+
+    The destination is checked again first: what appeared there during the conversion is no more
+    replaceable than what was there before it. The old store is removed only once the new one is in.
+    """
     old_path = None
     if out_path.exists() or out_path.is_symlink():
+        _check_destination(out_path, overwrite)
         old_path = tmp_path.with_name(tmp_path.name + ".old")
         os.replace(out_path, old_path)
     os.replace(tmp_path, out_path)
     _fsync_path(out_path.parent)
     if old_path is not None:
-        if old_path.is_dir() and not old_path.is_symlink():
-            shutil.rmtree(old_path)
-        else:
-            old_path.unlink()
+        shutil.rmtree(old_path)

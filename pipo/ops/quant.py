@@ -34,13 +34,37 @@ import torch.nn.functional as F
 CODE_MAX = 15  # largest 4-bit code
 CODES_PER_WORD = 8  # nibbles per int32 word of ``qweight``
 GGUF_BLOCK = 32  # elements per Q4_0 / Q4_1 block
+INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes users may choose for quantize()
 CPU_DOT_MAX_ROWS = 16  # above this many activation rows the CPU path dequantizes and calls sgemm
 
 _CPU_KERNEL_LOCK = threading.Lock()  # numba's workqueue threading layer must not be entered twice
 
 
+class PartsRecord:
+    """What quantized weight records share: named tensor fields (``tensor_fields``) that are stored
+    and moved as parts, a logical ``shape`` and a ``group_size``."""
+
+    __slots__ = ()
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensor fields (what a copy of this weight moves)."""
+        return sum(t.numel() * t.element_size() for t in self.to_parts().values())
+
+    def to_parts(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name, in ``tensor_fields`` order (for serialization)."""
+        return {name: getattr(self, name) for name in self.tensor_fields}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, ...], group_size: int):
+        """Rebuild a record from :meth:`to_parts` output (views are kept, nothing is copied)."""
+        return cls(**{name: parts[name] for name in cls.tensor_fields},
+                   shape=(int(shape[0]), int(shape[1])), group_size=int(group_size))
+
+
 @dataclass(frozen=True, slots=True, eq=False)
-class QuantTensor:
+class QuantTensor(PartsRecord):
     """An int4 weight ``[out, in]``: packed codes, fp16 scales and fp16 mins per group (see module doc)."""
 
     qweight: torch.Tensor  # int32 [out, in_padded // 8]
@@ -77,21 +101,6 @@ class QuantTensor:
     def device(self) -> torch.device:
         """Where the tensors live."""
         return self.qweight.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the tensor fields (what a copy of this weight moves)."""
-        return sum(t.numel() * t.element_size() for t in self.to_parts().values())
-
-    def to_parts(self) -> dict[str, torch.Tensor]:
-        """The tensor fields by name, in ``tensor_fields`` order (for serialization)."""
-        return {name: getattr(self, name) for name in self.tensor_fields}
-
-    @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int) -> QuantTensor:
-        """Rebuild a record from :meth:`to_parts` output (views are kept, nothing is copied)."""
-        return cls(**{name: parts[name] for name in cls.tensor_fields},
-                   shape=(int(shape[0]), int(shape[1])), group_size=int(group_size))
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> QuantTensor:
         """A new record with every tensor field on ``device``."""
@@ -156,11 +165,23 @@ def quantize(w: torch.Tensor, group_size: int = 64) -> QuantTensor:
     return QuantTensor(qweight, scales, mins, (out_f, in_f), group_size).to(w.device)
 
 
+# byte b of ``qweight`` -> its two codes as fp32 (low nibble first), the pair seen as one int64: one
+# table lookup per byte gives both codes
+_CODE_PAIRS = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.float32).view(np.int64)[:, 0]
+
+
 def dequantize(q: QuantTensor) -> torch.Tensor:
     """The fp32 matrix ``[out, in]`` that ``q`` stands for: ``q * scale + min`` per group (reference)."""
     out_f, in_f = q.shape
-    codes = unpack_int4(q.qweight).view(out_f, q.n_groups, q.group_size).float()  # [out, G, gs]
-    w = codes * q.scales.float().unsqueeze(-1) + q.mins.float().unsqueeze(-1)  # [out, G, gs]
+    packed = q.qweight.contiguous().view(torch.uint8)  # [out, in_padded / 2]
+    if packed.device.type == "cpu":  # numpy: single-threaded SIMD, unhurt by busy cores (unlike OpenMP)
+        w = _CODE_PAIRS[packed.numpy()].view(np.float32).reshape(out_f, q.n_groups, q.group_size)
+        w *= q.scales.numpy().astype(np.float32)[..., None]  # code * scale is exact in fp32
+        w += q.mins.numpy().astype(np.float32)[..., None]
+        return torch.from_numpy(w).view(out_f, q.in_padded)[:, :in_f]  # [out, in]
+    codes = torch.from_numpy(_CODE_PAIRS).to(packed.device)[packed.long()].view(torch.float32)
+    w = codes.view(out_f, q.n_groups, q.group_size)  # [out, G, gs]
+    w.mul_(q.scales.float().unsqueeze(-1)).add_(q.mins.float().unsqueeze(-1))
     return w.view(out_f, q.in_padded)[:, :in_f]  # [out, in]
 
 
@@ -185,11 +206,18 @@ def _fp16_field(blocks: np.ndarray, offset: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.float16)[..., 0])
 
 
-def _gguf_codes(nibbles: np.ndarray) -> torch.Tensor:
-    """GGUF nibble bytes ``[rows, n_blocks, 16]`` (byte j: element j low, j + 16 high) -> codes ``[rows, in]``."""
+def _gguf_qweight(nibbles: np.ndarray) -> torch.Tensor:
+    """GGUF nibble bytes ``[rows, n_blocks, 16]`` (byte j: element j low, j + 16 high) -> ``qweight``.
+
+    Repacked in place of unpack + :func:`pack_int4`: each pair of GGUF bytes (one uint16) gives one
+    byte of elements ``2k, 2k + 1`` (their low nibbles) and one of ``16 + 2k, 17 + 2k`` (high nibbles).
+    """
     rows = nibbles.shape[0]
-    codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)  # [rows, n_blocks, 32]
-    return torch.from_numpy(codes.reshape(rows, -1))
+    pairs = np.ascontiguousarray(nibbles).view(np.uint16)  # [rows, n_blocks, 8], little-endian
+    low = (pairs & 0x000F) | ((pairs & 0x0F00) >> 4)  # elements 2k, 2k + 1
+    high = ((pairs & 0x00F0) >> 4) | ((pairs & 0xF000) >> 8)  # elements 16 + 2k, 17 + 2k
+    packed = np.concatenate([low.astype(np.uint8), high.astype(np.uint8)], axis=-1)  # [rows, n_blocks, 16]
+    return torch.from_numpy(packed.reshape(rows, -1)).view(torch.int32)
 
 
 def from_gguf_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
@@ -197,7 +225,7 @@ def from_gguf_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     ``w = q * d + m``) as a group-32 QuantTensor. Dequantizes bit-exactly like ``gguf.quants``."""
     blocks = _gguf_blocks(raw, shape, 20)
     scales, mins = _fp16_field(blocks, 0), _fp16_field(blocks, 2)
-    qweight = pack_int4(_gguf_codes(blocks[:, :, 4:]))
+    qweight = _gguf_qweight(blocks[:, :, 4:])
     return QuantTensor(qweight, scales, mins, (int(shape[0]), int(shape[1])), GGUF_BLOCK)
 
 
@@ -210,7 +238,7 @@ def from_gguf_q4_0(raw: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     mins = scales * -8.0  # exact in fp16: a power-of-two scaling
     if not bool(torch.isfinite(mins).all()):
         raise ValueError("Q4_0 scale too large: -8 * d overflows fp16")
-    qweight = pack_int4(_gguf_codes(blocks[:, :, 2:]))
+    qweight = _gguf_qweight(blocks[:, :, 2:])
     return QuantTensor(qweight, scales, mins, (int(shape[0]), int(shape[1])), GGUF_BLOCK)
 
 

@@ -1,26 +1,38 @@
 """CUDA lanes: every activity on its own CUDA stream; dependencies are events, not host waits.
 
-:func:`cuda_lane` is the lane factory the engine uses on a GPU (``EngineOptions.lane_factory``):
+:func:`cuda_lane` is the lane factory the engine uses on a GPU (``EngineOptions.lane_factory``
+binds it to the engine's device, so streams and events live on ``cuda:N``):
 
 - ``compute``, ``load_weight``, ``load_kv``, ``save_kv`` (and any lane name a new task kind
   brings): a :class:`StreamLane`. Its ``run(work, after)`` makes the lane's stream
-  ``wait_event`` each predecessor's event (the host does not block), runs ``work`` on the
+  ``wait_event`` each event in ``after`` (the host does not block), runs ``work`` on the
   event-loop thread under ``torch.cuda.stream(stream)`` (so every kernel and copy it issues is
   enqueued on that stream), records an event and returns it as the task's marker.
 - ``disk``: a :class:`HostLane`. A disk read fills host memory, which the GPU may still be reading
-  for the previous user of the buffer, so here the *host* waits for the predecessors' events, via
+  for the previous user of the buffer, so here the *host* waits for the events in ``after``, via
   :func:`wait_event` (in a worker thread, so the event loop keeps dispatching other lanes).
 
 :func:`wait_event` is the only host wait on GPU work besides the engine reading the logits; nothing
 in the runtime calls ``synchronize()``.
 
-Ordering with the caller's stream. The engine puts a step's inputs (token ids, positions, masks) on
-the device on its current stream before a run and reads the logits on it after the run. So a task
-with no predecessors first makes its stream wait for the caller's stream, and the caller's stream
-waits for every task's event: then reading the logits sees every write of the step, and the next
-step's tasks (which have no predecessors from this step) start only after this step's GPU work,
-e.g. the last SaveKV, is done. None of these waits blocks the host; a run costs about two extra
-``cudaStreamWaitEvent`` calls per task (microseconds against a step of tens of milliseconds).
+Ordering with the caller's stream (the run-boundary hooks of :class:`~pipo.runtime.lanes.Lane`).
+The engine puts a step's inputs (token ids, positions, masks) on the device on its current stream
+before a run and reads the logits on it after the run. When a run begins, one event is recorded on
+the caller's stream (shared by the lanes of one device through ``RunInfo.shared``) and the run's
+root tasks wait on it: they follow the inputs and everything the caller's stream was ordered after,
+and nothing else of their own step. When a started run is finished, a second caller event orders
+the tasks released then (those right after the prefix) after the inputs uploaded in between. When
+the run ends, the caller's stream waits on the events of the run's sink tasks, once each: every
+task is an ancestor of a sink, so reading the logits sees every write of the step, and the next
+step's roots (ordered after the next begin event) start only after this step's GPU work, e.g. its
+last SaveKV. None of these waits blocks the host; per task a run costs one ``wait_event`` per graph
+edge and one event record.
+
+Events are reused: a lane hands out the events of its pool in order within a run and starts over
+when the next run begins. That is safe because every wait on an event (a successor's
+``wait_event``, the caller's ``end_run`` wait, the disk lane's host wait) is issued within the run
+that recorded it, and CUDA waits bind to the record that precedes them. Timing events are never
+reused.
 
 Tensor lifetimes across streams (what must hold, and why it does without ``record_stream``):
 weight slots, KV slots, pinned host buffers and the KV home are allocated once per run set-up and
@@ -30,7 +42,8 @@ when the caller's stream has already waited for every task that read them. Non-b
 pinned memory are tracked by torch's pinned-memory allocator itself.
 
 Timing (``timing=True``, or :func:`enable_timing`): each task also records a timing event before its
-work; :meth:`StreamLane.intervals_ms` returns the (start, end) GPU times of the tasks in run order.
+work; :meth:`StreamLane.intervals_ms` returns the (start, end) GPU times of the tasks in run order,
+and ``timed_runs`` the run id of each (``RunStats.run_id``), to pick one step's intervals.
 The compute lane's intervals give the GPU busy fraction (their union over the decode wall time).
 
 For tests the CUDA module is a parameter: pass an object with ``Stream``, ``Event``, ``stream`` and
@@ -43,7 +56,7 @@ import asyncio
 import inspect
 from typing import Any, Iterable, Sequence
 
-from pipo.runtime.lanes import Lane, Work
+from pipo.runtime.lanes import Lane, RunInfo, Work
 from pipo.runtime.tasks import DISK
 
 
@@ -70,7 +83,7 @@ def wait_event(event: Any) -> None:
 
 
 class _StreamBase(Lane):
-    """What both CUDA lanes share: a stream, the caller ordering and optional timing events."""
+    """What both CUDA lanes share: a stream, the run boundaries, pooled and timing events."""
 
     def __init__(self, name: str, *, device: Any = None, timing: bool = False, cuda=None):
         super().__init__(name)
@@ -78,10 +91,39 @@ class _StreamBase(Lane):
         self.stream = self.cuda.Stream(device=device)
         self.timing = timing
         self.timed: list[tuple[Any, Any]] = []
-        self.last_event: Any = None
+        self.timed_runs: list[int] = []
+        self._event_type = self.cuda.Event
+        self._pool: list[Any] = []
+        self._next_event = 0
+        self._run_id = 0
 
     def _caller(self):
         return self.cuda.current_stream(self.stream.device)
+
+    def begin_run(self, run: RunInfo) -> Any:
+        """Start reusing the event pool; return the run's begin event on the caller's stream."""
+        self._next_event, self._run_id = 0, run.id
+        return self._caller_event(run, "begin")
+
+    def resume_run(self, run: RunInfo) -> Any:
+        """Return the run's resume event on the caller's stream (after the caller's uploads)."""
+        return self._caller_event(run, "resume")
+
+    def end_run(self, run: RunInfo, markers: Sequence[Any]) -> None:
+        """Order the caller's stream after ``markers`` (this lane's sink events)."""
+        caller = self._caller()
+        for marker in markers:
+            if isinstance(marker, self._event_type):
+                caller.wait_event(marker)
+
+    def _caller_event(self, run: RunInfo, part: str) -> Any:
+        """One event per run, part and device, shared by the lanes of the run."""
+        key = ("cuda-caller", part, id(self.cuda), self.stream.device)
+        event = run.shared.get(key)
+        if event is None:
+            event = run.shared[key] = self.cuda.Event()
+            event.record(self._caller())
+        return event
 
     def _start_event(self):
         if not self.timing:
@@ -90,14 +132,20 @@ class _StreamBase(Lane):
         event.record(self.stream)
         return event
 
-    def _finish(self, start_event, caller) -> Any:
-        """Record the task's event on the lane's stream; the caller's stream waits for it."""
-        done = self.cuda.Event(enable_timing=self.timing)
-        done.record(self.stream)
+    def _finish(self, start_event) -> Any:
+        """Record the task's event on the lane's stream and return it."""
         if start_event is not None:
+            done = self.cuda.Event(enable_timing=True)
             self.timed.append((start_event, done))
-        caller.wait_event(done)
-        self.last_event = done
+            self.timed_runs.append(self._run_id)
+        elif self._next_event < len(self._pool):
+            done = self._pool[self._next_event]
+            self._next_event += 1
+        else:
+            done = self.cuda.Event()
+            self._pool.append(done)
+            self._next_event += 1
+        done.record(self.stream)
         return done
 
     def intervals_ms(self, reference: Any = None) -> list[tuple[float, float]]:
@@ -114,57 +162,46 @@ class _StreamBase(Lane):
     def reset_timing(self) -> None:
         """Forget the timing events recorded so far."""
         self.timed.clear()
+        self.timed_runs.clear()
 
 
 class StreamLane(_StreamBase):
-    """Runs work enqueued on its own CUDA stream, ordered after its predecessors' events."""
+    """Runs work enqueued on its own CUDA stream, ordered after the events in ``after``."""
 
     async def run(self, work: Work, after: Sequence[Any] = ()) -> Any:
         """Enqueue ``work`` after the events in ``after``; return the event ending it."""
-        caller = self._caller()
-        self._wait_for(after, caller)
-        with self.cuda.stream(self.stream):
+        stream, event_type = self.stream, self._event_type
+        for marker in after:
+            if isinstance(marker, event_type):
+                stream.wait_event(marker)
+        with self.cuda.stream(stream):
             start_event = self._start_event()
             result = work()
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 _close(result)
                 raise TypeError(f"lane {self.name} runs only synchronous executors (a CUDA stream "
                                 "context cannot span an await); put async work on the disk lane")
-            return self._finish(start_event, caller)
-
-    def _wait_for(self, after: Sequence[Any], caller) -> None:
-        events = [m for m in after if is_event(m, self.cuda)]
-        if not after:
-            self.stream.wait_stream(caller)  # the step's inputs, and the previous step's work
-        for event in events:
-            self.stream.wait_event(event)
+            return self._finish(start_event)
 
 
 class HostLane(_StreamBase):
-    """Runs host work (disk reads) on the event loop once its predecessors' events completed.
+    """Runs host work (disk reads) on the event loop once the events in ``after`` completed.
 
-    Work may return an awaitable (aiofiles reads); it is awaited. Any GPU work the synchronous part
-    issues goes on the lane's own stream, and the returned event covers it.
+    A root task's ``after`` holds the run's begin event, so the host waits for the caller's stream
+    as it was when the run began, not for other tasks of the run. Work may return an awaitable
+    (aiofiles reads); it is awaited. Any GPU work the synchronous part issues goes on the lane's own
+    stream, and the returned event covers it.
     """
 
     async def run(self, work: Work, after: Sequence[Any] = ()) -> Any:
         """Host-wait for ``after``'s events (off the loop thread), run ``work``, return an event."""
-        caller = self._caller()
-        await _wait_all(e for e in after if is_event(e, self.cuda))
-        if not after:
-            await _wait_all([_recorded(self.cuda, caller)])
+        await _wait_all(e for e in after if isinstance(e, self._event_type))
         with self.cuda.stream(self.stream):
             start_event = self._start_event()
             result = work()
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             await result
-        return self._finish(start_event, caller)
-
-
-def _recorded(cuda, stream) -> Any:
-    event = cuda.Event()
-    event.record(stream)
-    return event
+        return self._finish(start_event)
 
 
 async def _wait_all(events: Iterable[Any]) -> None:
@@ -183,7 +220,8 @@ def _close(awaitable: Any) -> None:
 
 
 def cuda_lane(name: str, *, timing: bool = False, device: Any = None, cuda=None) -> Lane:
-    """The CUDA lane for a lane name: a host lane for ``disk``, a stream lane for all others."""
+    """The CUDA lane for a lane name on ``device`` (default: the current one): a host lane for
+    ``disk``, a stream lane for all others."""
     cls = HostLane if name == DISK else StreamLane
     return cls(name, device=device, timing=timing, cuda=cuda)
 

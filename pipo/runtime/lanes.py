@@ -3,6 +3,15 @@
 A lane receives a zero-argument ``work`` callable (an executor bound to its task and context) and
 the *markers* of the task's predecessors, runs the work, and returns the task's own marker.
 
+Run boundaries (all optional, default no-ops): before a run's first task the runtime calls
+:meth:`Lane.begin_run` on every lane the run uses; the marker it returns is added to the ``after``
+of the run's root tasks on that lane. A run started with ``Runtime.start`` and completed later calls
+:meth:`Lane.resume_run` when the caller hands it back; that marker is added to the ``after`` of the
+tasks released then whose predecessors all ran before. When the run ends, :meth:`Lane.end_run`
+receives the markers of the lane's tasks that no other task of the run waited on. CPU lanes need
+none of this (a task's work is done when ``run`` returns); CUDA lanes use it to order a step
+against the caller's stream once per run instead of once per task.
+
 - On a CPU every marker is ``None``: a predecessor's work is finished when its ``run`` returned.
 - A CUDA lane (``pipo.runtime.cuda_lanes``) enqueues work on its stream after ``wait_event`` on the
   predecessors' events and returns an event; the host never blocks on GPU→GPU dependencies.
@@ -22,9 +31,19 @@ import inspect
 import queue
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 Work = Callable[[], Any]
+
+
+@dataclass
+class RunInfo:
+    """What lanes learn about the run they take part in: its id (unique per process) and a dict
+    through which the lanes of one run may share per-run objects (e.g. one CUDA event per device)."""
+
+    id: int
+    shared: dict = field(default_factory=dict)
 
 
 class Lane(ABC):
@@ -37,6 +56,19 @@ class Lane(ABC):
     async def run(self, work: Work, after: Sequence[Any] = ()) -> Any:
         """Run ``work`` once the predecessors' ``after`` markers allow; return this task's marker."""
 
+    def begin_run(self, run: RunInfo) -> Any:
+        """A run that uses this lane starts; return the marker its root tasks here wait on."""
+        return None
+
+    def resume_run(self, run: RunInfo) -> Any:
+        """A started run is handed back by its caller; return the marker that tasks released now,
+        whose predecessors all ran before, wait on (they may read what the caller just wrote)."""
+        return None
+
+    def end_run(self, run: RunInfo, markers: Sequence[Any]) -> None:
+        """The run ended; ``markers`` are this lane's tasks that nothing else in the run waited on
+        (on a failure or cancel: every task that finished here). Later work must follow them."""
+
     def close(self) -> None:
         """Release the lane's resources (threads, streams). Idempotent."""
 
@@ -47,7 +79,7 @@ class LoopLane(Lane):
     async def run(self, work: Work, after: Sequence[Any] = ()) -> None:
         """Run ``work`` now on the loop thread; await its result if it is awaitable."""
         result = work()
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             await result
         return None
 

@@ -25,8 +25,8 @@ from typing import Iterable
 
 import networkx as nx
 
+from pipo.runtime.program import longest_path_to_end
 from pipo.runtime.render import KIND_COLORS, color_for, ordered_lanes
-from pipo.runtime.scheduler import _longest_path_to_end
 
 DPI = 100
 COL_PX, ROW_PX = 150, 54  # one column / one lane row, in pixels
@@ -55,7 +55,7 @@ def unit_time_columns(graph: nx.DiGraph) -> dict[str, int]:
     highest priority (longest path to the end, then program order) first."""
     order = tuple(nx.lexicographical_topological_sort(
         graph, key=lambda n: graph.nodes[n].get("order", 0)))
-    depth = _longest_path_to_end(graph, order)
+    depth = longest_path_to_end(graph, order)
     waiting = {n: graph.in_degree(n) for n in graph}
     ready: dict[str, list] = defaultdict(list)
 

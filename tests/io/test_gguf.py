@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 from pipo.errors import ModelFormatError, PipoError
 from pipo.io.default_model import INSTALL_COMMAND, default_model_path
 from pipo.io.gguf_file import GGUFFile, rope_row_order
+from pipo.io.q8 import Q8Tensor, to_dense
 from pipo.io.source import WeightSource, open_model
+from pipo.ops.quant import QuantTensor
 from tests.io.test_safetensors import expected_blocks
 
 HIDDEN, FFN, VOCAB, LAYERS, HEADS, KV_HEADS = 64, 128, 96, 2, 4, 2
@@ -77,7 +79,7 @@ def hf_gguf_model(path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_gguf_equals_transformers(tmp_path, tied):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", tied=tied)
-    source = open_model(path)
+    source = open_model(path, keep_quant=False)
     assert isinstance(source, GGUFFile) and isinstance(source, WeightSource)
     spec = source.spec
     assert (spec.family, spec.hidden, spec.n_layers, spec.n_heads, spec.n_kv_heads) == ("llama", 64, 2, 4, 2)
@@ -100,20 +102,30 @@ def test_rope_row_order_matches_transformers():
         assert np.array_equal(rope_row_order(len(rows), n_heads), expected)
 
 
-def test_keep_quant_returns_quant_tensors(tmp_path):
-    quant = pytest.importorskip("pipo.ops.quant", reason="pipo.ops.quant (QuantTensor) is not written yet")
-    source = open_model(write_tiny_gguf(tmp_path / "tiny.gguf"), keep_quant=True)
-    dense = GGUFFile(source.path)
-    for block in ("L0.attn", "L1.mlp"):
+def test_quantized_blocks_are_kept_by_default_and_dequantize_exactly(tmp_path):
+    source = open_model(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    dense = GGUFFile(source.path, keep_quant=False)
+    kinds = {"wq": QuantTensor, "wk": QuantTensor, "wo": QuantTensor, "w_gate": QuantTensor, "w_up": QuantTensor,
+             "w_down": Q8Tensor, "tok": Q8Tensor, "wv": torch.Tensor, "norm_w": torch.Tensor, "w_out": torch.Tensor}
+    for block in source.spec.block_names():
         kept, reference = source.read_block(block), dense.read_block(block)
-        for name, tensor in kept.items():
-            if name in ("wq", "wk", "wo", "w_gate", "w_up"):  # the Q4_0 / Q4_1 tensors of TYPES
-                assert isinstance(tensor, quant.QuantTensor), name
-                assert torch.equal(quant.dequantize(tensor), reference[name]), (block, name)
-            else:
-                assert torch.equal(tensor, reference[name]), (block, name)
-        assert source.block_nbytes(block) == sum(t.nbytes for t in kept.values())
+        for name, value in kept.items():
+            assert isinstance(value, kinds[name]), (block, name)
+            assert torch.equal(to_dense(value, torch.float32), reference[name]), (block, name)
+        assert kept.get("wv", torch.empty(0, dtype=torch.float16)).dtype == torch.float16  # F16 stays F16
+        assert source.block_nbytes(block) == sum(v.nbytes for v in kept.values())
         assert source.block_nbytes(block, keep_quant=False) == dense.block_nbytes(block)
+
+
+def test_dequantization_is_gguf_s_own(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    source = GGUFFile(path, keep_quant=False)
+    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for gguf_name, block, name in (("blk.0.ffn_up.weight", "L0.mlp", "w_up"), ("blk.1.ffn_down.weight", "L1.mlp", "w_down"),
+                                   ("blk.1.attn_output.weight", "L1.attn", "wo"), ("token_embd.weight", "embed", "tok")):
+        tensor = reader[gguf_name]
+        expected = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        assert np.array_equal(source.read_block(block)[name].numpy(), expected), gguf_name
 
 
 def test_truncated_gguf_is_refused(tmp_path):
@@ -170,4 +182,4 @@ def test_default_model_equals_transformers(default_source):
         got = default_source.read_block(block)
         assert set(got) == set(expected[block])
         for name, param in expected[block].items():
-            assert torch.equal(got[name], param.detach()), (block, name)
+            assert torch.equal(to_dense(got[name], torch.float32), param.detach()), (block, name)

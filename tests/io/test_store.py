@@ -56,14 +56,17 @@ def _part(block: str) -> str:
 
 
 def _expected(tensors: dict[str, torch.Tensor], weights: str) -> dict[str, torch.Tensor]:
-    """What a store converted with ``weights`` must return for fp32 ``tensors`` (quantized: parts)."""
+    """What a store converted with ``weights`` must return for fp32 ``tensors`` (quantized: parts).
+
+    ``int4`` quantizes the layers' linear weights and keeps every other tensor (the LM head too) as
+    the source gives it."""
     out = {}
     for name, tensor in tensors.items():
-        if weights == "int4" and name.startswith("w") and tensor.ndim == 2:
+        if weights == "int4" and name.startswith("w") and name != "w_out" and tensor.ndim == 2:
             for part, value in quant.quantize(tensor, GROUP_SIZE).to_parts().items():
                 out[f"{name}.{part}"] = value
         else:
-            out[name] = tensor.to({"keep": torch.float32, "fp32": torch.float32}.get(weights, torch.float16))
+            out[name] = tensor.to(torch.float16) if weights == "fp16" else tensor
     return out
 
 
@@ -257,11 +260,15 @@ def test_failed_convert_leaves_nothing(source, tmp_path):
     assert list(parent.iterdir()) == []
 
 
-def test_existing_out_dir_refused(source, tmp_path):
+def test_existing_out_dir_refused_and_only_a_store_is_replaced(source, tmp_path):
     out = tmp_path / "store"
     out.mkdir()
     with pytest.raises(PipoError, match="already exists"):
         convert(source, out)
+    with pytest.raises(PipoError, match="refusing to overwrite .*not a pipo store"):
+        convert(source, out, overwrite=True)  # an empty directory is not a store either
+    out.rmdir()
+    convert(source, out, weights="keep")
     convert(source, out, weights="fp16", overwrite=True)
     assert OffloadStore(out).index.weights == "fp16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
@@ -345,3 +352,32 @@ def test_streaming_keeps_rss_flat(tmp_path_factory, direct):
         grown = _rss_nbytes() - before
     total = 3 * len(blocks) * store.max_block_nbytes
     assert grown < 2 << 20, f"RSS grew {grown} bytes while streaming {total} bytes"
+
+
+def test_int4_quantizes_8bit_layer_weights_but_keeps_4bit_ones_and_the_head(tmp_path):
+    from tests.io.test_gguf import write_tiny_gguf
+
+    source = open_model(write_tiny_gguf(tmp_path / "tiny.gguf"))  # ffn_down Q8_0, ffn_up Q4_0, embedding Q8_0
+    with OffloadStore(convert(source, tmp_path / "store", weights="int4", group_size=64)) as store:
+        mlp, head, want = store.read_block("L0.mlp"), store.read_block("head"), source.read_block("L0.mlp")
+        assert mlp["w_down"].group_size == 64 and mlp["w_up"].group_size == 32
+        assert all(torch.equal(a, b) for a, b in zip(mlp["w_up"].to_parts().values(), want["w_up"].to_parts().values()))
+        assert type(head["w_out"]).__name__ == "Tensor"  # output.weight is F32 in the tiny file: kept dense
+
+
+def test_what_appears_at_the_destination_during_a_convert_is_not_replaced(source, tmp_path, monkeypatch):
+    from pipo.io import store_write
+
+    out = tmp_path / "store"
+    real = store_write._write_blocks
+
+    def write_then_user_creates(*args):
+        blocks = real(*args)
+        out.mkdir()
+        (out / "mine.txt").write_text("x")
+        return blocks
+
+    monkeypatch.setattr(store_write, "_write_blocks", write_then_user_creates)
+    with pytest.raises(PipoError, match="not a pipo store"):
+        convert(source, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"] and os.listdir(out) == ["mine.txt"]

@@ -1,9 +1,11 @@
 """CUDA lanes: their stream/event protocol on a fake CUDA module (CPU), and real runs on a GPU.
 
-The fake records every stream wait, event record and host wait in one log, so the tests check the
-protocol itself: every graph edge becomes a ``wait_event`` of the consumer's stream on the
-producer's event, sources wait for the caller's stream, the caller's stream waits for every task,
-work runs under its lane's stream, and only the disk lane blocks the host (through ``wait_event``).
+The fake (``tests/runtime/fake_cuda.py``) logs every stream wait, event record and host wait and
+tracks what each piece of enqueued work is ordered after, so the tests check the protocol itself:
+every task is ordered after exactly its graph ancestors within its step (no race, no lost overlap)
+and after the whole previous step; a run costs one caller event when it begins and one caller wait
+per sink when it ends; work runs under its lane's stream; only the disk lane blocks the host (through
+``wait_event``), and only on what it must.
 """
 
 from __future__ import annotations
@@ -11,73 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from dataclasses import dataclass
+from types import SimpleNamespace
 
+import networkx as nx
 import pytest
 import torch
 
 from graphs import build_step
 from pipo.plan import estimate_block_nbytes, fixed_plan
-from pipo.runtime import Compute, Executors, LoadKV, LoadWeight, Runtime, SaveKV
+from pipo.runtime import Compute, Executors, GraphBuilder, LoadKV, LoadWeight, Runtime, SaveKV, Task
 from pipo.runtime.cuda_lanes import HostLane, StreamLane, cuda_lane, enable_timing, wait_event
+from pipo.runtime.tasks import DISK, LOAD_WEIGHT
+from tests.runtime.fake_cuda import FakeCuda
 from tests.runtime.toy import ToyContext, assert_step_done, toy_executors
-
-
-class FakeCuda:
-    """Just enough of ``torch.cuda`` for the lanes; everything it does lands in ``log``."""
-
-    def __init__(self):
-        self.log: list[tuple] = []
-        self.caller = _FakeStream(self, "caller")
-        self._current = self.caller
-        self._clock = 0.0
-        fake = self
-
-        class Event:
-            def __init__(self, enable_timing=False):
-                self.stream, self.time_ms, self.done, self.timing = None, None, True, enable_timing
-
-            def record(self, stream=None):
-                fake._clock += 1.0
-                self.stream, self.time_ms = stream or fake._current, fake._clock
-                fake.log.append(("record", self.stream.name, self))
-
-            def query(self):
-                return self.done
-
-            def synchronize(self):
-                fake.log.append(("host_wait", self))
-                self.done = True
-
-            def elapsed_time(self, other):
-                return other.time_ms - self.time_ms
-
-        self.Event = Event
-
-    def Stream(self, device=None):  # noqa: N802 - torch.cuda's spelling
-        return _FakeStream(self, f"s{sum(1 for e in self.log if e[0] == 'stream')}")
-
-    def current_stream(self, device=None):
-        return self._current
-
-    @contextlib.contextmanager
-    def stream(self, s):
-        previous, self._current = self._current, s
-        try:
-            yield
-        finally:
-            self._current = previous
-
-
-class _FakeStream:
-    def __init__(self, fake: FakeCuda, name: str):
-        self.fake, self.name, self.device = fake, name, "cuda:0"
-        fake.log.append(("stream", name))
-
-    def wait_event(self, event):
-        self.fake.log.append(("wait", self.name, event))
-
-    def wait_stream(self, other):
-        self.fake.log.append(("wait_stream", self.name, other.name))
 
 
 def _run_lane(lane, work, after=()):
@@ -94,16 +43,9 @@ def test_a_stream_lane_waits_on_event_predecessors_runs_on_its_stream_and_return
     done = _run_lane(lane, lambda: seen.append(fake.current_stream()), after=[pred, None])
     assert seen == [lane.stream] and fake.current_stream() is fake.caller
     assert ("wait", lane.stream.name, pred) in fake.log
-    assert not any(e[0] == "wait_stream" for e in fake.log)  # not a source: no caller wait
+    assert not any(e[0] == "wait_stream" for e in fake.log)
     assert isinstance(done, fake.Event) and done.stream is lane.stream
-    assert fake.log[-1] == ("wait", "caller", done)  # the caller's stream is ordered after it
-
-
-def test_a_source_task_first_waits_for_the_callers_stream():
-    fake = FakeCuda()
-    lane = cuda_lane("load_weight", cuda=fake)
-    _run_lane(lane, lambda: None)
-    assert ("wait_stream", lane.stream.name, "caller") in fake.log
+    assert fake.log[-1] == ("record", lane.stream.name, done)  # no per-task caller wait
 
 
 def test_a_stream_lane_refuses_async_work_and_closes_the_coroutine():
@@ -150,7 +92,7 @@ def test_timing_events_give_intervals_in_run_order():
     assert all(a < b for a, b in intervals)
     assert all(intervals[i][1] < intervals[i + 1][0] for i in range(2))
     enable_timing([lane], on=False)
-    assert lane.timed == [] and not lane.timing
+    assert lane.timed == [] and lane.timed_runs == [] and not lane.timing
 
 
 def test_wait_event_is_a_no_op_for_none_and_completed_events():
@@ -160,58 +102,185 @@ def test_wait_event_is_a_no_op_for_none_and_completed_events():
     wait_event(event)
     event.done = False
     wait_event(event)
-    assert fake.log == [("stream", "caller"), ("host_wait", event)]
+    assert [e for e in fake.log if e[0] == "host_wait"] == [("host_wait", event)]
 
 
-def _protocol(log: list[tuple]) -> tuple[dict, dict, set]:
-    """Per task: the events its stream waited on before it ran, and the event recorded after it;
-    and the events the caller's stream waited on."""
-    waits, produced, pending, last_run = {}, {}, {}, {}
-    for entry in log:
-        if entry[0] == "wait" and entry[1] != "caller":
-            pending.setdefault(entry[1], []).append(entry[2])
-        elif entry[0] == "run":
-            name, stream = entry[1], entry[2]
-            waits[name] = pending.pop(stream, [])
-            last_run[stream] = name
-        elif entry[0] == "record" and entry[1] in last_run:
-            produced[last_run.pop(entry[1])] = entry[2]
-    caller_waits = {e[2] for e in log if e[0] == "wait" and e[1] == "caller"}
-    return waits, produced, caller_waits
+# --- a whole step graph on fake CUDA lanes --------------------------------------------------------
 
-
-@pytest.mark.parametrize("schedule", ["sequential", "pipo", "flexgen"])
-def test_every_graph_edge_becomes_a_stream_wait_on_the_producers_event(schedule):
+def _decode_graph(schedule: str, n_kv_slots: int = 2):
     from graphs.golden.regen import golden_spec
 
     spec = golden_spec()
     plan = fixed_plan(spec, estimate_block_nbytes(spec, 4), "host", batch=4, micro_batch=2,
-                      max_len=64, kv_offload=True, schedule=schedule)
-    graph = build_step(spec, plan, "decode")
-    fake = FakeCuda()
-    table = toy_executors(Executors())
-    for kind in (Compute, LoadWeight, LoadKV, SaveKV):
+                      max_len=64, kv_offload=True, schedule=schedule, n_kv_slots=n_kv_slots)
+    return spec, plan, build_step(spec, plan, "decode")
+
+
+def _enqueuing(table: Executors, fake: FakeCuda, kinds) -> Executors:
+    """``table`` whose executors first tell the fake that (step, task) is enqueued now."""
+    logged = table.child()
+    for kind in kinds:
         base = table.lookup(kind)
-        table.register(kind, _logged(base, fake))
+
+        def run(task, ctx, base=base):
+            fake.enqueue((ctx.step, task.name))
+            return base(task, ctx)
+
+        logged.register(kind, run)
+    return logged
+
+
+def _toy_runtime(fake: FakeCuda) -> Runtime:
+    table = _enqueuing(toy_executors(Executors()), fake, (Compute, LoadWeight, LoadKV, SaveKV))
+    return Runtime(executors=table, lane_factory=lambda n: cuda_lane(n, cuda=fake))
+
+
+def _toy_ctx(spec, step: int) -> ToyContext:
     ctx = ToyContext(spec.block_names(), "decode")
-    with Runtime(executors=table, lane_factory=lambda n: cuda_lane(n, cuda=fake)) as runtime:
-        runtime.run(graph, ctx)
+    ctx.step = step
+    return ctx
+
+
+def _caller_waits(fake: FakeCuda, since: int) -> list:
+    return [e[2] for e in fake.log[since:] if e[0] == "wait" and e[1] == "caller"]
+
+
+def _assert_exact_order(fake: FakeCuda, graph: nx.DiGraph, step: int) -> None:
+    """Within ``step``, every task is ordered after its graph ancestors and the tasks issued before
+    it on its own stream (and their ancestors), and after nothing else of the step."""
+    ordered = nx.DiGraph(graph)
+    last_on_stream = {}
+    for entry in fake.log:
+        if entry[0] == "run" and entry[1][0] == step and entry[1][1] in graph:
+            name, stream = entry[1][1], entry[2]
+            if stream in last_on_stream:
+                ordered.add_edge(last_on_stream[stream], name)
+            last_on_stream[stream] = name
+    for name in graph:
+        same_step = {label[1] for label in fake.after[(step, name)]
+                     if label[0] == step and label[1] in graph}
+        assert same_step == nx.ancestors(ordered, name), name
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "pipo", "flexgen"])
+def test_each_task_is_ordered_after_exactly_its_ancestors_and_the_whole_previous_step(schedule):
+    spec, plan, graph = _decode_graph(schedule)
+    fake = FakeCuda()
+    sinks = [n for n in graph if graph.out_degree(n) == 0]
+    with _toy_runtime(fake) as runtime:
+        program = runtime.compile(graph)
+        for step in (0, 1):
+            before = len(fake.log)
+            ctx = _toy_ctx(spec, step)
+            runtime.run(program, ctx)
+            assert_step_done(ctx, plan.n_micro)
+            _assert_exact_order(fake, graph, step)
+            waits = _caller_waits(fake, before)  # once per sink, after the step's last task
+            assert len(waits) == len(sinks) and fake.log[-1][0] == "wait"
+            assert fake.caller.deps >= {(step, n) for n in graph}
+    previous = {(0, n) for n in graph}
+    assert all(fake.after[(1, n)] >= previous for n in graph)  # e.g. SaveKV -> next step's LoadKV
+    assert not any(e[0] == "wait_stream" for e in fake.log)
+
+
+@contextlib.contextmanager
+def _after_step_0(trace: bool = False):
+    """Fake-CUDA lanes that already ran step 0 of the pipo decode graph (untimed)."""
+    spec, plan, graph = _decode_graph("pipo")
+    fake = FakeCuda()
+    with _toy_runtime(fake) as runtime:
+        runtime.trace = trace
+        program = runtime.compile(graph)
+        runtime.run(program, _toy_ctx(spec, 0))
+        yield SimpleNamespace(spec=spec, plan=plan, graph=graph, fake=fake, runtime=runtime,
+                              program=program)
+
+
+def test_a_step_costs_one_caller_event_and_reuses_its_events_the_next_step():
+    with _after_step_0() as s:
+        first = len(s.fake.log)
+        s.runtime.run(s.program, _toy_ctx(s.spec, 1))
+        step_log = s.fake.log[first:]
+        begin = s.fake.events("record", "caller")[-1]
+        assert [e for e in step_log if e[0] == "new_event"] == [("new_event", begin)]
+        task_events = [e[2] for e in step_log if e[0] == "record" and e[1] != "caller"]
+        assert len(task_events) == len(s.graph) == len(set(map(id, task_events)))  # distinct
+        enable_timing(s.runtime.lanes.values())
+        s.runtime.run(s.program, _toy_ctx(s.spec, 2))
+        lanes = [lane for lane in s.runtime.lanes.values() if lane.timed]
+        assert sum(len(lane.timed) for lane in lanes) == len(s.graph)
+        assert {run for lane in lanes for run in lane.timed_runs} == {lanes[0].timed_runs[0]}
+
+
+def test_a_steps_gpu_times_are_picked_by_its_run_id():
+    from pipo.bench.steptrace import gpu_step_stats
+
+    with _after_step_0(trace=True) as s:
+        lanes = {lane.name: lane for lane in enable_timing(s.runtime.lanes.values())}
+        first, second = (s.runtime.run(s.program, _toy_ctx(s.spec, step)) for step in (1, 2))
+    gpu = gpu_step_stats(second, lanes)
+    assert gpu.run_id == second.run_id != first.run_id
+    assert [r.name for r in gpu.records] == [r.name for r in second.records]
+    assert min(r.start_s for r in gpu.records) == 0.0  # GPU clock of step 2, not step 1's
+    assert all(r.end_s > r.start_s for r in gpu.records)
+
+
+def test_a_started_step_runs_its_leading_loads_before_the_caller_uploads_and_the_rest_after():
+    with _after_step_0() as s:
+        spec, plan, graph, fake, runtime, program = (s.spec, s.plan, s.graph, s.fake, s.runtime,
+                                                     s.program)
+        ctx = _toy_ctx(spec, 1)
+        started = runtime.start(program, ctx)
+        prefix = {program.names[i] for i, inside in enumerate(program.in_prefix) if inside}
+        assert {label[1] for label in fake.after if label[0] == 1} == prefix
+        assert prefix and not any(isinstance(graph.nodes[n]["task"], Compute) for n in prefix)
+        fake.enqueue((1, "inputs"))  # the caller uploads the step's token ids on its stream
+        started.finish()
     assert_step_done(ctx, plan.n_micro)
-    waits, produced, caller_waits = _protocol(fake.log)
-    assert set(produced) == set(graph) == set(waits)
-    for src, dst in graph.edges:
-        assert produced[src] in waits[dst], (src, dst)
-    assert caller_waits == set(produced.values())
-    sources = [n for n in graph if graph.in_degree(n) == 0]
-    assert sum(1 for e in fake.log if e[0] == "wait_stream") == len(sources)
+    _assert_exact_order(fake, nx.DiGraph(graph), 1)
+    for name in graph:
+        assert ((1, "inputs") in fake.after[(1, name)]) == (name not in prefix), name
+        assert fake.after[(1, name)] >= {(0, n) for n in graph}
 
 
-def _logged(fn, fake: FakeCuda):
-    def run(task, ctx):
-        fake.log.append(("run", task.name, fake.current_stream().name))
-        return fn(task, ctx)
+def test_a_disk_root_host_waits_only_for_the_runs_begin_event():
+    @dataclass(frozen=True, slots=True)
+    class Work(Task):
+        label: str
 
-    return run
+    fake = FakeCuda(pending=True)
+    table = Executors()
+    table.register(Work, lambda task, ctx: fake.enqueue(task.label))
+    b = GraphBuilder()
+    first = b.add(Work("load", lane=LOAD_WEIGHT))
+    b.add(Work("after-load", lane=LOAD_WEIGHT), after=[first])
+    b.add(Work("read0", lane=DISK))
+    b.add(Work("read1", lane=DISK))  # runs after the loads were enqueued
+    with Runtime(executors=table, lane_factory=lambda n: cuda_lane(n, cuda=fake)) as runtime:
+        runtime.run(b.graph)
+    ran = [e[1] for e in fake.log if e[0] == "run"]
+    assert ran.index("read1") > ran.index("after-load")
+    begin = fake.events("record", "caller")
+    assert len(begin) == 1 and not begin[0].deps
+    assert fake.events("host_wait") == begin  # not a fresh caller record after the loads' events
+
+
+def test_lanes_for_a_device_make_their_streams_and_read_the_callers_stream_there(monkeypatch):
+    from pipo.engine.options import EngineOptions
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    factory = EngineOptions(device="cuda:1").lane_factory()
+    fake = FakeCuda(device="cuda:0")
+    lanes = [factory(name, cuda=fake) for name in ("compute", "load_weight", "disk")]
+    assert [lane.stream.device for lane in lanes] == [torch.device("cuda:1")] * 3
+    table = _enqueuing(Executors(), fake, ())
+    table.register(Compute, lambda task, ctx: None)
+    b = GraphBuilder()
+    b.add(Compute("embed"))
+    with Runtime(executors=table, lane_factory=lambda n: factory(n, cuda=fake)) as runtime:
+        runtime.run(b.graph)
+    assert fake.devices_asked and set(fake.devices_asked) == {torch.device("cuda:1")}
 
 
 # --- on a GPU (run by benchmarks/device_run.sh through `pytest -m gpu`) -------------------------
@@ -235,19 +304,21 @@ def test_gpu_copy_and_compute_lanes_overlap():
         for _ in range(40):
             a @ a
 
-    async def both(parallel: bool):
-        first = await copy_lane.run(copy, [])
-        await compute_lane.run(compute, [] if parallel else [first])
-        await copy_lane.run(lambda: None, [])
+    async def both(parallel: bool, begin) -> list:
+        """The copy, and the compute either beside it or after it; roots wait on ``begin``."""
+        first = await copy_lane.run(copy, [begin])
+        second = await compute_lane.run(compute, [begin] if parallel else [first])
+        return [first, second]
 
     def timed(parallel: bool) -> float:
-        asyncio.run(both(parallel))  # warm-up
-        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        asyncio.run(both(parallel))
-        end.record()
-        end.synchronize()
+        for _ in range(2):  # warm-up, then the timed run
+            torch.cuda.synchronize()
+            start.record()
+            for event in asyncio.run(both(parallel, start)):  # the caller waits on the sinks
+                torch.cuda.current_stream().wait_event(event)
+            end.record()
+            end.synchronize()
         return start.elapsed_time(end)
 
     serial_ms, parallel_ms = timed(False), timed(True)

@@ -51,4 +51,6 @@ def test_pipo_step_takes_max_of_load_and_compute_and_sequential_their_sum(load_s
     sequential_s = _best_wall_s("sequential", load_s, compute_s)
     assert ideal_s * 0.95 <= pipo_s <= ideal_s * 1.25, (pipo_s, ideal_s)
     assert serial_s * 0.95 <= sequential_s <= serial_s * 1.25, (sequential_s, serial_s)
-    assert pipo_s < sequential_s * 0.8
+    # no overlap would give a ratio of 1; (0.010, 0.030) overlaps at best to 0.775, so the bound
+    # is relative to the ideal ratio rather than one fixed 0.8 (3 % of room on a loaded machine)
+    assert pipo_s / sequential_s < 1.15 * ideal_s / serial_s, (pipo_s, sequential_s)

@@ -11,7 +11,6 @@ import asyncio
 import gc
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import networkx as nx
 import pytest
@@ -21,26 +20,10 @@ from graphs.golden.regen import golden_plan, golden_spec
 from pipo.plan import estimate_block_nbytes, fixed_plan
 from pipo.runtime import Executors, GraphBuilder, LoopLane, Runtime, Task, ThreadLane
 from pipo.runtime.tasks import COMPUTE
-from tests.runtime.toy import ToyContext, assert_step_done, toy_executors
+from tests.runtime.toy import (Step, ToyContext, assert_step_done, hanging_step, step_ctx,
+                               step_table, toy_executors)
 
 SPEC = golden_spec()
-
-
-@dataclass(frozen=True, slots=True)
-class Step(Task):
-    """A synthetic task; its executor does what ``ctx.actions[label]`` says."""
-
-    label: str
-
-
-def _step_table() -> Executors:
-    table = Executors()
-    table.register(Step, lambda task, ctx: ctx.actions.get(task.label, _log)(task, ctx))
-    return table
-
-
-def _log(task: Step, ctx) -> None:
-    ctx.ran.append(task.label)
 
 
 def _steps(edges: list[tuple[str, str]], labels: str, lanes: dict | None = None) -> nx.DiGraph:
@@ -51,10 +34,6 @@ def _steps(edges: list[tuple[str, str]], labels: str, lanes: dict | None = None)
         preds = [names[src] for src, dst in edges if dst == label]
         names[label] = b.add(Step(label, lane=(lanes or {}).get(label, COMPUTE)), after=preds)
     return b.graph
-
-
-def _ctx(**actions) -> SimpleNamespace:
-    return SimpleNamespace(ran=[], actions=actions)
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +93,16 @@ def test_the_toy_executors_notice_a_slot_refilled_too_early(threaded, monkeypatc
 def test_priority_is_critical_path_first_then_program_order():
     # program order a b c d e; b -> c -> d is the longest chain; all on one lane
     graph = _steps([("b", "c"), ("c", "d")], "abcde")
-    with Runtime(executors=_step_table(), lane_factory=LoopLane) as runtime:
-        ctx = _ctx()
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
+        ctx = step_ctx()
         runtime.run(graph, ctx)
     assert ctx.ran == ["b", "c", "a", "d", "e"]
 
 
 def test_equal_depth_keeps_program_order_per_lane():
     graph = _steps([], "zyx", lanes={"z": "one", "y": "one", "x": "one"})
-    with Runtime(executors=_step_table(), lane_factory=LoopLane) as runtime:
-        ctx = _ctx()
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
+        ctx = step_ctx()
         runtime.run(graph, ctx)
     assert ctx.ran == ["z", "y", "x"]
 
@@ -140,22 +119,15 @@ def test_a_failure_cancels_a_hanging_task_on_another_lane_and_reraises_with_a_no
         await asyncio.sleep(0.01)  # the hanging task has started by now
         raise Boom("disk on fire")
 
-    async def hang(task, ctx):
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            cancelled.append(task.label)
-            raise
-
     graph = _steps([("boom", "after")], ["boom", "hang", "after"],
                    lanes={"boom": "compute", "hang": "slow", "after": "compute"})
-    with Runtime(executors=_step_table(), lane_factory=LoopLane) as runtime:
-        ctx = _ctx(boom=boom, hang=hang)
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
+        ctx = step_ctx(boom=boom, hang=hanging_step(cancelled))
         with pytest.raises(Boom, match="disk on fire") as info:
             runtime.run(graph, ctx)
         assert "while running task Step(boom) on lane compute" in info.value.__notes__
         assert cancelled == ["hang"] and ctx.ran == []
-        ok = _ctx()
+        ok = step_ctx()
         runtime.run(_steps([("a", "b")], "ab", lanes={"a": "slow"}), ok)  # reusable afterwards
         assert ok.ran == ["a", "b"]
 
@@ -167,14 +139,14 @@ def test_a_failure_on_a_thread_lane_keeps_its_type_and_the_lane_stays_usable():
 
     graph = _steps([("a", "fail"), ("fail", "z")], ["a", "fail", "z"],
                    lanes={"a": "copy", "fail": "copy", "z": "copy"})
-    with Runtime(executors=_step_table(), lane_factory=ThreadLane) as runtime:
-        ctx = _ctx(fail=fail)
+    with Runtime(executors=step_table(), lane_factory=ThreadLane) as runtime:
+        ctx = step_ctx(fail=fail)
         with pytest.raises(Boom) as info:
             runtime.run(graph, ctx)
         assert info.value.__notes__ == ["while running task Step(fail) on lane copy"]
         assert ctx.ran == ["a"]
         for _ in range(3):
-            again = _ctx()
+            again = step_ctx()
             runtime.run(graph, again)
             assert again.ran == ["a", "fail", "z"]
 
@@ -196,8 +168,8 @@ def test_an_async_executor_runs_on_a_loop_lane():
         await asyncio.sleep(0)
         ctx.ran.append("awaited")
 
-    with Runtime(executors=_step_table(), lane_factory=LoopLane) as runtime:
-        ctx = _ctx(a=wait)
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
+        ctx = step_ctx(a=wait)
         runtime.run(_steps([("a", "b")], "ab"), ctx)
     assert ctx.ran == ["awaited", "b"]
 
@@ -208,9 +180,9 @@ def test_a_thread_lane_rejects_an_async_executor_clearly_and_closes_the_coroutin
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runtime = Runtime(executors=_step_table(), lane_factory=ThreadLane)
+        runtime = Runtime(executors=step_table(), lane_factory=ThreadLane)
         with pytest.raises(TypeError, match="lane compute runs only synchronous executors") as info:
-            runtime.run(_steps([], "a"), _ctx(a=wait))
+            runtime.run(_steps([], "a"), step_ctx(a=wait))
         assert info.value.__notes__ == ["while running task Step(a) on lane compute"]
         del info
         runtime.close()
@@ -234,8 +206,8 @@ def test_an_unknown_task_kind_fails_at_compile_with_the_registry_message():
 
 
 def test_stats_without_trace_and_an_empty_graph():
-    with Runtime(executors=_step_table(), lane_factory=LoopLane) as runtime:
-        stats = runtime.run(_steps([], "ab", lanes={"b": "other"}), _ctx())
+    with Runtime(executors=step_table(), lane_factory=LoopLane) as runtime:
+        stats = runtime.run(_steps([], "ab", lanes={"b": "other"}), step_ctx())
         assert stats.records == [] and set(stats.busy_s) == {"compute", "other"}
         assert 0 <= stats.busy_fraction("compute") <= 1 and stats.busy_fraction("nope") == 0
         assert set(runtime.lanes) == {"compute", "other"}

@@ -10,12 +10,14 @@ an AssertionError, whatever the timing. ``delay_s`` stretches every task so that
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from pipo.io.spec import block_layer
-from pipo.runtime import Compute, Executors, LoadKV, LoadWeight, SaveKV
+from pipo.runtime import Compute, Executors, LoadKV, LoadWeight, SaveKV, Task
 
 
 @dataclass
@@ -96,3 +98,42 @@ def toy_executors(parent: Executors | None = None) -> Executors:
 def assert_step_done(ctx: ToyContext, n_micro: int) -> None:
     """Every micro-batch went through every block."""
     assert ctx.act == {m: ctx.blocks[-1] for m in range(n_micro)}
+
+
+@dataclass(frozen=True, slots=True)
+class Step(Task):
+    """A synthetic task; its executor does what ``ctx.actions[label]`` says (default: log it)."""
+
+    label: str
+
+
+def step_table() -> Executors:
+    """A table that runs :class:`Step` tasks."""
+    table = Executors()
+    table.register(Step, lambda task, ctx: ctx.actions.get(task.label, log_step)(task, ctx))
+    return table
+
+
+def log_step(task: Step, ctx) -> None:
+    """Append the task's label to ``ctx.ran`` (thread-safe)."""
+    with ctx.lock:
+        ctx.ran.append(task.label)
+
+
+def step_ctx(**actions) -> SimpleNamespace:
+    """A context for Step tasks: what ran, in order, and an action per label."""
+    return SimpleNamespace(ran=[], actions=actions, lock=threading.Lock())
+
+
+def hanging_step(cancelled: list):
+    """An async Step action that waits forever and appends its label to ``cancelled`` when
+    cancelled."""
+
+    async def hang(task: Step, ctx) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(task.label)
+            raise
+
+    return hang
