@@ -60,23 +60,31 @@ def read_prompts(path: Path) -> list[PromptLine]:
 
 def check_prompts(engine, args, prompts: list[PromptLine]) -> None:
     """Tokenize every prompt and plan every batch; refuse the first bad line by ``file:line``."""
+    lengths = []
+    for p in prompts:
+        try:
+            lengths.append(prompt_tokens(engine, p.prompt, args))
+        except PipoError as exc:
+            raise PipoError(f"{args.input}:{p.line}: {exc}") from None
+    for start in range(0, len(lengths), args.batch_size):
+        batch = lengths[start:start + args.batch_size]
+        engine.plan_for(len(batch), max(batch) + args.max_new_tokens)
+
+
+def prompt_tokens(engine, prompt: str, args) -> int:
+    """Token count of ``prompt``; PipoError saying why it cannot be generated with ``args``
+    (its ``max_new_tokens``, ``chat``, ``system``)."""
     from pipo.engine.text import encode_prompt
 
     spec = engine.spec
     limit = min(spec.max_positions, spec.sliding_window or spec.max_positions)
     what = "context" if limit == spec.max_positions else "sliding attention window"
-    lengths = []
-    for p in prompts:
-        where = f"{args.input}:{p.line}"
-        check(p.prompt != "", f"{where}: the prompt is empty")
-        n_tokens = len(encode_prompt(engine, p.prompt, args.chat, args.system))
-        check(n_tokens + args.max_new_tokens <= limit,
-              f"{where}: the prompt is {n_tokens} tokens; with -n {args.max_new_tokens} new tokens "
-              f"that exceeds the model's {what} of {limit} tokens (shorten it or lower -n)")
-        lengths.append(n_tokens)
-    for start in range(0, len(lengths), args.batch_size):
-        batch = lengths[start:start + args.batch_size]
-        engine.plan_for(len(batch), max(batch) + args.max_new_tokens)
+    check(prompt != "", "the prompt is empty")
+    n_tokens = len(encode_prompt(engine, prompt, args.chat, args.system))
+    check(n_tokens + args.max_new_tokens <= limit,
+          f"the prompt is {n_tokens} tokens; with -n {args.max_new_tokens} new tokens "
+          f"that exceeds the model's {what} of {limit} tokens (shorten it or lower -n)")
+    return n_tokens
 
 
 def run_batch(engine, args, sampling, prompts: list[PromptLine]) -> int:

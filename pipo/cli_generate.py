@@ -53,7 +53,22 @@ def add_generate(sub) -> None:
                    help="CPU threads for torch and the int4 kernels (default: torch's, usually "
                         "one per core)")
     add_engine_options(p)
+    _add_ray_options(p)
     p.set_defaults(run=run)
+
+
+def _add_ray_options(parser) -> None:
+    g = parser.add_argument_group("ray (with --input; needs the ray extra, see "
+                                  "docs/distributed.md)")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the --input job on a Ray cluster, one engine per worker: a new "
+                        "local cluster when no ADDRESS, else the cluster at ADDRESS (auto, "
+                        "HOST:PORT or ray://HOST:PORT) (default: off, one process)")
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="Ray workers, each holding one engine, with --ray (default: 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs Ray reserves for each worker, with --ray; 0.5 puts two workers "
+                        "on a GPU (default: 1 with --device cuda, else 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +81,14 @@ def run(args: argparse.Namespace) -> int:
     check(args.output is None or args.input is not None, "--output needs --input FILE")
     if args.output is not None:
         check_output_file(args.output, "--output")
+    check(args.ray is not None or (args.workers is None and args.gpus_per_worker is None),
+          "--workers and --gpus-per-worker need --ray")
+    check(args.ray is None or args.input is not None, "--ray needs --input FILE")
     prompts = read_prompts(args.input) if args.input else None
+    if args.ray is not None:
+        from pipo.distributed.job import run_ray_batch
+
+        return run_ray_batch(args, sampling, prompts)
     set_threads(args.threads)
     with open_engine(args) as engine:
         if prompts is None:

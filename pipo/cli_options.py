@@ -92,10 +92,15 @@ def engine_options(args: argparse.Namespace, **overrides):
 
 def open_engine(args: argparse.Namespace, **overrides):
     """Open ``args.model`` with the engine options in ``args``."""
+    return open_engine_with(args.model, engine_options(args, **overrides))
+
+
+def open_engine_with(model, options):
+    """Open ``model`` (a path, or ``None`` for the default model) with EngineOptions ``options``."""
     from pipo.engine import Engine
     from pipo.io.source import open_model
 
-    return Engine(open_model(args.model), engine_options(args, **overrides))
+    return Engine(open_model(model), options)
 
 
 def set_threads(n_threads: int | None) -> None:

@@ -44,6 +44,10 @@ class DeviceMemoryTooSmall(PlanError):
                                         lambda mib: f"device_memory=int({mib} * 2**20)",
                                         "kv_offload=True"))
 
+    def __reduce__(self):
+        # picklable, so that a Ray worker's refusal reaches the driver as itself
+        return type(self), (self.given_nbytes, self.minimum_nbytes, self.kv_offload_minimum_nbytes)
+
     def for_cli(self) -> str:
         """The refusal in command-line terms (``--device-memory``, ``--kv-offload``)."""
         return self._sentence(f"--device-memory {_mib_down(self.given_nbytes)}",
