@@ -1,0 +1,202 @@
+"""``pipo probe``: measure this machine in seconds and fit the numbers the cost model needs.
+
+- Links: a copy of a 32 MiB buffer into a device slot and back (on a CPU: a memcpy between two
+  host buffers, which is what a LoadWeight does there), from pinned and from pageable memory.
+- Disk: sequential ``O_DIRECT`` reads of a scratch file on the file system of ``disk_dir`` (the
+  store's), page cache bypassed; a file system that refuses ``O_DIRECT`` is read after
+  ``POSIX_FADV_DONTNEED``.
+- Compute: pipo's own block functions (:mod:`pipo.ops.layers`) on random blocks of two small llama
+  shapes at a few token counts and context lengths; a non-negative least-squares fit of
+  :class:`~pipo.planner.profile.ComputeFit` (:mod:`pipo.planner.costs` has the features).
+- Overheads: the scheduler running a chain of no-op tasks across two lanes (per task), and the
+  host's per-step work (logits to host, greedy sampling).
+Every number is the median of a few repeats.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from pipo.io.spec import ModelSpec
+from pipo.planner.costs import compute_features
+from pipo.planner.profile import ComputeFit, Profile, hardware_key
+from pipo.runtime import Executors, GraphBuilder, Runtime, Task
+from pipo.runtime.tasks import COMPUTE, LOAD_WEIGHT
+
+COPY_NBYTES = 32 * 2**20
+DISK_NBYTES = 64 * 2**20
+DISK_CHUNK_NBYTES = 4 * 2**20
+SHAPES = (ModelSpec("llama", vocab_size=8000, hidden=512, n_layers=1, n_heads=8, n_kv_heads=4,
+                    head_dim=64, ffn=1408, max_positions=4096),
+          ModelSpec("llama", vocab_size=8000, hidden=1024, n_layers=1, n_heads=16, n_kv_heads=4,
+                    head_dim=64, ffn=2816, max_positions=4096))
+POINTS = ((1, 1, 64), (1, 1, 1024), (8, 1, 256), (32, 1, 256), (1, 64, 64), (4, 128, 128))
+
+
+def probe(device: str = "cpu", dtype: str = "float32", disk_dir: str | None = None) -> Profile:
+    """Measure this machine; a :class:`Profile` (not yet saved)."""
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    h2d_pinned, h2d_pageable = _copy_bps(dev, to_device=True)
+    d2h_pinned, d2h_pageable = _copy_bps(dev, to_device=False)
+    return Profile(key=hardware_key(device, dtype), device=device, dtype=dtype,
+                   h2d_pinned_bps=h2d_pinned, h2d_pageable_bps=h2d_pageable,
+                   d2h_pinned_bps=d2h_pinned, d2h_pageable_bps=d2h_pageable,
+                   disk_read_bps=disk_read_bps(disk_dir or tempfile.gettempdir()),
+                   task_overhead_s=task_overhead_s(), step_overhead_s=_step_overhead_s(dev),
+                   compute=fit_compute(dev, dt))
+
+
+def _median_s(fn, repeats: int = 5, sync=None) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync(dev: torch.device):
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+
+
+def _copy_bps(dev: torch.device, to_device: bool) -> tuple[float, float]:
+    """(pinned, pageable) bytes per second of one direction; on a CPU both are a memcpy."""
+    slot = torch.empty(COPY_NBYTES, dtype=torch.uint8, device=dev).fill_(1)
+    rates = []
+    for pinned in (True, False):
+        host = torch.empty(COPY_NBYTES, dtype=torch.uint8, pin_memory=pinned and dev.type == "cuda")
+        host.fill_(2)
+        src, dst = (host, slot) if to_device else (slot, host)
+        seconds = _median_s(partial(dst.copy_, src, non_blocking=True), sync=_sync(dev))
+        rates.append(COPY_NBYTES / seconds)
+    return rates[0], rates[1]
+
+
+def disk_read_bps(directory: str) -> float:
+    """Sequential read bandwidth of a scratch file in ``directory`` with the page cache bypassed."""
+    fd_w, path = tempfile.mkstemp(prefix=".pipo-probe-", dir=directory)
+    try:
+        chunk = os.urandom(2**20) * (DISK_CHUNK_NBYTES // 2**20)
+        with os.fdopen(fd_w, "wb") as f:
+            for _ in range(DISK_NBYTES // DISK_CHUNK_NBYTES):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        return DISK_NBYTES / min(_read_file_s(path) for _ in range(2))
+    finally:
+        os.unlink(path)
+
+
+def _read_file_s(path: str) -> float:
+    buffer = mmap.mmap(-1, DISK_CHUNK_NBYTES)  # page aligned, as O_DIRECT needs
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        for offset in range(0, DISK_NBYTES, DISK_CHUNK_NBYTES):
+            os.preadv(fd, [buffer], offset)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        buffer.close()
+
+
+def task_overhead_s(n_tasks: int = 400) -> float:
+    """Seconds the scheduler adds per task: a chain of no-op tasks alternating two lanes."""
+    table = Executors()
+    table.register(_Nop, lambda task, ctx: None)
+    b = GraphBuilder()
+    previous: list[str] = []
+    for i in range(n_tasks):
+        previous = [b.add(_Nop(i, lane=COMPUTE if i % 2 else LOAD_WEIGHT), after=previous)]
+    with Runtime(executors=table) as runtime:
+        program = runtime.compile(b.graph)
+        return _median_s(lambda: runtime.run(program), repeats=3) / n_tasks
+
+
+def _step_overhead_s(dev: torch.device) -> float:
+    """Host work per step besides the tasks: logits of 8 rows to the host and greedy sampling."""
+    logits = torch.randn(8, 32000, device=dev)
+    return _median_s(lambda: torch.argmax(logits.float().cpu(), dim=-1), sync=_sync(dev))
+
+
+@dataclass(frozen=True, slots=True)
+class _Nop(Task):
+    """A task that does nothing: the probe of the scheduler's own cost."""
+
+    i: int
+
+
+def fit_compute(dev: torch.device, dtype: torch.dtype) -> ComputeFit:
+    """Time pipo's block functions on random blocks and fit a :class:`ComputeFit`."""
+    rows, times = [], []
+    for spec in SHAPES:
+        blocks = _random_blocks(spec, dev, dtype)
+        for part in ("attn", "mlp", "head"):
+            for b, t, context in POINTS:
+                if part != "attn" and context != POINTS[0][2] and t == 1:
+                    continue  # context matters to attention only
+                run = _block_call(spec, part, blocks[part], b, t, context, dev, dtype)
+                times.append(_median_s(run, repeats=3, sync=_sync(dev)))
+                rows.append(compute_features(spec, part, b, t, context, dtype.itemsize, None))
+    coef = _nnls(np.array(rows, dtype=float), np.array(times, dtype=float))
+    return ComputeFit(*map(float, coef))
+
+
+def _random_blocks(spec: ModelSpec, dev: torch.device, dtype: torch.dtype) -> dict:
+    from pipo.bench.random_model import RandomModel
+    from pipo.engine.weights import prepare_block
+
+    model = RandomModel(spec, dtype=dtype)
+    return {part: {k: v.to(dev) for k, v in prepare_block(model.read_block(block), dtype, None)
+                   .items()}
+            for part, block in (("attn", "L0.attn"), ("mlp", "L0.mlp"), ("head", "head"))}
+
+
+def _block_call(spec, part, w, b, t, context, dev, dtype):
+    from pipo.ops import layers
+
+    x = torch.randn(b, t, spec.hidden, device=dev, dtype=dtype)
+    if part == "mlp":
+        return lambda: layers.mlp_block(w, x, spec)
+    if part == "head":
+        return lambda: layers.head(w, x[:, -1], spec)
+    k = torch.zeros(b, spec.n_kv_heads, context + t, spec.head_dim, device=dev, dtype=dtype)
+    v = torch.zeros_like(k)
+    start = context - t if context >= t else 0
+    mask = torch.ones(b, start + t, dtype=torch.bool, device=dev)
+    positions = torch.arange(start, start + t, device=dev).expand(b, t)
+    rope = layers.rope_tables(spec, start + t, dev, dtype)
+    prep = layers.attention_inputs(mask, start, t, positions, spec, rope, dtype)
+    return lambda: layers.attention_block(w, x, k, v, start, positions, mask, spec, rope, prep)
+
+
+def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with non-negative coefficients (active set: drop negatives, refit), fitted
+    on relative error so small and large blocks weigh alike."""
+    scale = 1.0 / np.maximum(y, 1e-9)
+    a, y = a * scale[:, None], y * scale
+    active = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return coef
