@@ -1,4 +1,5 @@
-"""The ``pipo`` command: ``generate``, ``info``, ``graph``, ``convert``, ``verify``, ``bench``.
+"""The ``pipo`` command: ``generate``, ``info``, ``graph``, ``convert``, ``verify``, ``probe``,
+``plan``, ``bench``.
 
 Every user error (a :class:`~pipo.errors.PipoError`) prints one line ``pipo: error: ...`` and exits
 with status 2; no traceback. Subcommands live in small modules, each with ``add_parser`` and
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from pipo import __version__
     from pipo.cli_generate import add_generate
+    from pipo.cli_plan import add_plan, add_probe
     from pipo.cli_tools import add_convert, add_graph, add_info, add_verify
 
     parser = argparse.ArgumentParser(
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_graph(sub)
     add_convert(sub)
     add_verify(sub)
+    add_probe(sub)
+    add_plan(sub)
     _add_bench(sub)
     return parser
 

@@ -49,8 +49,19 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=int, default=64, metavar="N", help=GROUP_SIZE_HELP)
     g.add_argument("--device-memory", type=parse_size, default=None, metavar="SIZE",
                    help="bytes of device memory for resident weights, weight slots and device KV, "
-                        "with a unit: 6GiB, 512MB, 300MiB; blocks that save the most traffic stay "
-                        "resident, the rest stream (default: no limit, everything resident)")
+                        "with a unit: 6GiB, 512MB, 300MiB; the planner picks placement, KV place, "
+                        "micro-batch, slots and schedule to fit it (see docs/planning.md) "
+                        "(default: no limit, everything resident)")
+    g.add_argument("--host-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="bytes of host RAM the plan may use for streamed weights, an offloaded KV "
+                        "cache and staging (on a CPU device also the device's bytes); blocks beyond "
+                        "it go to the offload store (default: the RAM free now, when planning)")
+    g.add_argument("--allow-int4", action="store_true",
+                   help="let the planner choose 4-bit weights where they are faster (trades "
+                        "accuracy for speed and memory)")
+    g.add_argument("--link-gbps", type=positive_float, default=None, metavar="GBPS",
+                   help="cap every host<->device copy lane at GBPS gigabytes (10^9 bytes) per "
+                        "second, to emulate a slower link (default: no cap)")
     g.add_argument("--placement", default="auto", choices=["auto", "resident", "host", "disk"],
                    help="every block in one tier: resident (device memory), host (CPU RAM, "
                         "streamed), disk (an offload store, streamed); auto plans by "
@@ -60,16 +71,17 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-disk", default=None, metavar="DIR",
                    help="keep the offloaded KV cache in a scratch file in DIR, deleted when pipo "
                         "exits; implies --kv-offload (default: none, the cache stays in RAM)")
-    g.add_argument("--schedule", default="pipo", choices=["pipo", "flexgen", "sequential"],
+    g.add_argument("--schedule", default=None, choices=["pipo", "flexgen", "sequential"],
                    help="step graph: pipo (only the edges the data needs), flexgen (a barrier "
                         "after every block and micro-batch), sequential (one task at a time); "
-                        "see docs/schedules.md (default: %(default)s)")
+                        "see docs/schedules.md (default: the planner's choice under a memory cap, "
+                        "else pipo)")
     g.add_argument("--micro-batch", type=positive_int, default=None, metavar="N",
                    help="rows per micro-batch: the batch runs as micro-batches of N rows that "
                         "share each loaded block (default: the whole batch at once)")
-    g.add_argument("--weight-slots", type=positive_int, default=2, metavar="N",
+    g.add_argument("--weight-slots", type=positive_int, default=None, metavar="N",
                    help="device buffers for streamed blocks: N-1 blocks load ahead of the one "
-                        "computing (default: %(default)s)")
+                        "computing (default: the planner's choice under a memory cap, else 2)")
     g.add_argument("--kv-slots", type=positive_int, default=None, metavar="N",
                    help="device buffers for an offloaded KV cache (default: 2; 3 for the flexgen "
                         "schedule)")
@@ -85,7 +97,9 @@ def engine_options(args: argparse.Namespace, **overrides):
                   group_size=args.group_size, device_memory=args.device_memory,
                   placement=args.placement, kv_offload=args.kv_offload, schedule=args.schedule,
                   micro_batch=args.micro_batch, n_weight_slots=args.weight_slots,
-                  n_kv_slots=args.kv_slots, kv_disk_dir=args.kv_disk)
+                  n_kv_slots=args.kv_slots, kv_disk_dir=args.kv_disk,
+                  host_memory=args.host_memory, allow_int4=args.allow_int4,
+                  link_gbps=args.link_gbps)
     values.update(overrides)
     return EngineOptions(**values)
 
@@ -122,6 +136,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 

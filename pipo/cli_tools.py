@@ -110,7 +110,8 @@ def run_graph(args: argparse.Namespace) -> int:
                             "use .dot, .png, .svg or .json")
         check_output_file(args.output, "--output")
     with open_engine(args) as engine:
-        graph = build_step(engine.spec, _plan(engine, args), args.phase)
+        plan = _plan(engine, args)
+        graph = build_step(engine.spec, plan, args.phase)
         n_layers = engine.spec.n_layers
     beyond = [layer for layer in args.layers or () if layer >= n_layers]
     if beyond:
@@ -118,8 +119,8 @@ def run_graph(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(to_dot(graph))
         return 0
-    title = (f"{args.phase} step, {args.schedule} schedule: {n_layers} layers, "
-             f"{'KV offloaded' if args.kv_offload or args.kv_disk else 'KV on the device'}")
+    title = (f"{args.phase} step, {plan.schedule} schedule: {n_layers} layers, "
+             f"{'KV offloaded' if plan.kv_offloaded else 'KV on the device'}")
     render(graph, args.output, title=title, layers=args.layers)
     print(f"wrote {args.output} ({graph.number_of_nodes()} tasks, {graph.number_of_edges()} edges)")
     return 0

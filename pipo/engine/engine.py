@@ -8,8 +8,8 @@ the next step's leading loads already run (:mod:`pipo.engine.steps`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
 from typing import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -71,20 +71,32 @@ class Engine:
         if o.int4_group() and tier == DISK and not store_is_int4(self.source):
             raise PlanError("--weights int4 with a dense offload store would stream dense blocks: "
                             "convert the store with `pipo convert ... --weights int4`")
+        if o.device_memory is not None or o.host_memory is not None:
+            return self._planned(batch, max_len)
         sizes = estimate_block_nbytes(self.spec, self.dtype.itemsize, o.int4_group())
+        schedule = o.schedule or "pipo"
         # flexgen keeps three KV slots busy per step (save m-1, compute m, load m+1)
-        n_kv_slots = o.n_kv_slots or (3 if o.schedule == "flexgen" else 2)
+        n_kv_slots = o.n_kv_slots or (3 if schedule == "flexgen" else 2)
         micro_batch = min(o.micro_batch, batch) if o.micro_batch else None
         common = dict(batch=batch, max_len=max_len, micro_batch=micro_batch,
-                      kv_offload=o.kv_offload or o.kv_disk_dir is not None, n_weight_slots=o.n_weight_slots,
-                      n_kv_slots=n_kv_slots, kv_dtype_nbytes=self.dtype.itemsize,
-                      schedule=o.schedule)
+                      kv_offload=o.kv_offload or o.kv_disk_dir is not None,
+                      n_weight_slots=o.n_weight_slots or 2, n_kv_slots=n_kv_slots,
+                      kv_dtype_nbytes=self.dtype.itemsize, schedule=schedule)
         if o.placement != "auto":
             plan = fixed_plan(self.spec, sizes, o.placement, **common)
         else:
-            plan = make_plan(self.spec, sizes, device_memory=o.device_memory, offload_tier=tier,
-                             **common)
+            plan = make_plan(self.spec, sizes, offload_tier=tier, **common)
         return replace(plan, staged_disk=o.stage_disk_reads(), kv_disk=o.kv_disk_dir is not None)
+
+    def _planned(self, batch: int, max_len: int) -> Plan:
+        """The planner's plan under the memory caps (:mod:`pipo.planner`); int4 weights when it
+        chose them (only with ``allow_int4``)."""
+        from pipo.planner.engine_plan import plan_engine
+
+        best = plan_engine(self, batch, max_len).best
+        if best.int4 and self.options.weights != "int4":
+            self.options = replace(self.options, weights="int4")
+        return replace(best.plan, staged_disk=self.options.stage_disk_reads())
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), *, keep_logits: bool = False,
@@ -167,7 +179,7 @@ class Engine:
             rope = rope_tables(self.spec, plan.max_len, self.device, self.dtype)
         _close(self._kv)  # the previous generation's cache (and its pinned arena)
         self._kv = kv = KVCache(self.spec, plan, device=self.device, dtype=self.dtype,
-                                disk_dir=self.options.kv_disk_dir)
+                                disk_dir=self.options.kv_disk_dir or _scratch_dir(plan))
         return StepContext(self.spec, self._weights, kv, rope)
 
     def program(self, plan: Plan, phase: str) -> Program:
@@ -210,6 +222,13 @@ class Engine:
 def _close(owner) -> None:
     if owner is not None:
         owner.close()
+
+
+def _scratch_dir(plan: Plan) -> str | None:
+    """Where a disk KV cache the planner chose lives when no --kv-disk DIR was given."""
+    import tempfile
+
+    return tempfile.gettempdir() if plan.kv_disk else None
 
 
 def _weights_key(plan: Plan) -> tuple:

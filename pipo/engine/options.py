@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -31,6 +31,12 @@ class EngineOptions:
     only; on CPU the disk lane reads straight into the slot).
     ``kv_disk_dir`` keeps the offloaded KV cache in a scratch file in that directory (implies
     ``kv_offload``).
+
+    With ``device_memory`` or ``host_memory`` (bytes) set, the planner (:mod:`pipo.planner`)
+    chooses what is left unset: placement, KV place, micro-batch, slots, schedule, and int4 weights
+    when ``allow_int4``. ``None`` for ``schedule`` / ``n_weight_slots`` means "not chosen by hand"
+    (``pipo`` and 2 without a planner). ``link_gbps`` throttles every host<->device copy lane to that
+    many GB/s (10**9 bytes/s), to emulate a slower link.
     """
 
     device: str = "cpu"
@@ -40,13 +46,16 @@ class EngineOptions:
     device_memory: int | None = None
     placement: str = "auto"
     kv_offload: bool = False
-    schedule: str = "pipo"
+    schedule: str | None = None
     micro_batch: int | None = None
-    n_weight_slots: int = 2
+    n_weight_slots: int | None = None
     n_kv_slots: int | None = None
     staged_disk: bool | None = None
     kv_disk_dir: str | None = None
     trace: bool = False
+    host_memory: int | None = None
+    allow_int4: bool = False
+    link_gbps: float | None = None
 
     def __post_init__(self):
         if self.weights not in WEIGHT_MODES:
@@ -54,7 +63,7 @@ class EngineOptions:
                             f"{', '.join(WEIGHT_MODES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise PipoError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.schedule not in SCHEDULE_NAMES:
+        if self.schedule is not None and self.schedule not in SCHEDULE_NAMES:
             raise PipoError(f"unknown --schedule {self.schedule!r}; choose one of "
                             f"{', '.join(SCHEDULE_NAMES)}")
         if self.placement not in ("auto", *PLACEMENTS):
@@ -62,6 +71,8 @@ class EngineOptions:
                             f"{', '.join(PLACEMENTS)}")
         if self.kv_disk_dir is not None and not os.path.isdir(self.kv_disk_dir):
             raise PipoError(f"--kv-disk {self.kv_disk_dir}: no such directory")
+        if self.link_gbps is not None and not self.link_gbps > 0:
+            raise PipoError(f"--link-gbps must be a positive number of GB/s, got {self.link_gbps}")
         if self.group_size not in INT4_GROUP_SIZES:
             raise PipoError(f"--group-size must be 32, 64 or 128, got {self.group_size}")
 
@@ -122,7 +133,23 @@ class EngineOptions:
         if device.type == "cuda":
             from pipo.runtime.cuda_lanes import cuda_lane
 
-            return partial(cuda_lane, device=device)
-        from pipo.runtime.lanes import cpu_lane
+            base = partial(cuda_lane, device=device)
+        else:
+            from pipo.runtime.lanes import cpu_lane
 
-        return cpu_lane
+            base = cpu_lane
+        if self.link_gbps is None:
+            return base
+        return partial(_throttled_lane, base, self.link_gbps * 1e9, device.type == "cuda")
+
+
+def _throttled_lane(base: Callable, bps: float, enqueue_only: bool, name: str):
+    """Lane ``name`` from ``base``; host<->device copy lanes capped at ``bps`` bytes/s."""
+    from pipo.engine.transfer import transfer_nbytes
+    from pipo.runtime.tasks import LOAD_KV, LOAD_WEIGHT, SAVE_KV
+    from pipo.runtime.throttle import ThrottledLane
+
+    lane = base(name)
+    if name not in (LOAD_WEIGHT, LOAD_KV, SAVE_KV):
+        return lane
+    return ThrottledLane(lane, bps, transfer_nbytes, enqueue_only=enqueue_only)

@@ -80,17 +80,19 @@ def _refusal(capsys, argv) -> str:
 
 
 def test_cli_quotes_a_minimum_that_works_as_typed_in_flags(capsys, tiny_llama):
+    """The planner already considers offloading the KV cache: one minimum, no --kv-offload advice;
+    pinning a choice (here a KV slot count) quotes the minimum with that pin."""
     base = ["info", str(tiny_llama), "--batch", "4", "--micro-batch", "2", "--max-len", "256"]
     err = _refusal(capsys, base + ["--device-memory", "1KiB"])
     assert "--device-memory 1024 bytes is too small" in err and "device_memory=" not in err
     quoted = re.findall(r"--device-memory ([0-9.]+MiB)", err)
-    assert len(quoted) == 2 and "--kv-offload" in err
+    assert len(quoted) == 1 and "--kv-offload" not in err
     assert main(base + ["--device-memory", quoted[0]]) == 0
-    assert main(base + ["--device-memory", quoted[1], "--kv-offload"]) == 0
     capsys.readouterr()
-    offloaded = _refusal(capsys, base + ["--device-memory", "1KiB", "--kv-offload"])
-    assert offloaded.count("--kv-offload") == 0
-    assert re.findall(r"--device-memory ([0-9.]+MiB)", offloaded) == [quoted[1]]
+    pinned = _refusal(capsys, base + ["--device-memory", "1KiB", "--kv-offload", "--kv-slots", "4"])
+    quoted_pinned = re.findall(r"--device-memory ([0-9.]+MiB)", pinned)
+    assert len(quoted_pinned) == 1 and parse_size(quoted_pinned[0]) >= parse_size(quoted[0])
+    assert main(base + ["--device-memory", quoted_pinned[0], "--kv-offload", "--kv-slots", "4"]) == 0
 
 
 def test_cli_never_prints_the_minimum_equal_to_the_refused_budget(capsys, tiny_llama):
@@ -115,4 +117,4 @@ def test_python_api_names_keyword_arguments(tiny_llama):
         engine.plan_for(4, 256)
     text = str(r.value)
     assert text.startswith("device_memory=1024 is too small")
-    assert "kv_offload=True" in text and "--" not in text
+    assert "device_memory=int(" in text and "--" not in text

@@ -1,0 +1,85 @@
+"""What ``pipo plan`` prints: the chosen plan, its prediction, memory per tier, the next best."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from pipo.plan import DISK, HOST, RESIDENT
+from pipo.planner.engine_plan import caps_for, plan_engine
+from pipo.planner.search import Choice
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def summarize(choice: Choice) -> str:
+    """One line: weights, placement, KV, micro-batches, slots, schedule."""
+    plan = choice.plan
+    tiers = Counter(tier for _, tier in plan.placement)
+    placed = ", ".join(f"{tiers[t]} {t}" for t in (RESIDENT, HOST, DISK) if tiers[t])
+    kv = "device" if not plan.kv_offloaded else "disk" if plan.kv_disk else "host"
+    kv += f" ({plan.n_kv_slots} slots)" if plan.kv_offloaded else ""
+    return (f"weights {'int4' if choice.int4 else 'dense'}: blocks {placed}; KV {kv}; "
+            f"micro-batch {plan.micro_batch} x {plan.n_micro}; weight slots "
+            f"{plan.n_weight_slots}; schedule {plan.schedule}")
+
+
+def _prediction(choice: Choice) -> str:
+    e = choice.estimate
+    busy = dict(e.busy)
+    return (f"{e.tok_s:.1f} tok/s (decode {e.decode_s * 1e3:.1f} ms/step, prefill "
+            f"{e.prefill_s * 1e3:.0f} ms); bottleneck {e.bottleneck} "
+            f"({100 * busy.get(e.bottleneck, 0):.0f} % busy)")
+
+
+def explain(engine, batch: int, prompt_len: int, new_tokens: int, profile,
+            timeline: Path | None = None) -> str:
+    """The report of ``pipo plan``; with ``timeline``, the predicted decode step is written too."""
+    result = plan_engine(engine, batch, prompt_len + new_tokens, prompt_len=prompt_len,
+                         new_tokens=new_tokens, profile=profile)
+    caps, best = caps_for(engine), result.best
+    memory = dict(best.memory)
+    lines = [
+        f"workload    batch {batch}, prompt {prompt_len} + {new_tokens} new tokens",
+        (f"caps        device {_size(caps.device_memory) if caps.device_memory else 'no limit'}, "
+        f"host {_size(caps.host_memory)}, link "
+        f"{f'{caps.link_bps / 1e9:g} GB/s' if caps.link_bps else 'as measured'}, int4 "
+        f"{'allowed' if caps.allow_int4 else 'not allowed'}"),
+        f"profile     {'measured' if profile.measured else 'nominal (run pipo probe)'}",
+        f"chosen      {summarize(best)}",
+        f"predicted   {_prediction(best)}",
+        "lanes       " + ", ".join(f"{lane} {100 * f:.0f} %" for lane, f in best.estimate.busy),
+        (f"memory      device {_size(memory[RESIDENT])}, host {_size(memory[HOST])}, "
+        f"disk {_size(memory[DISK])}"),
+        f"searched    {result.evaluated} plans",
+    ]
+    if result.alternatives:
+        lines.append("next best")
+        lines += [f"  {i}. {_prediction(c)}\n     {summarize(c)}"
+                  for i, c in enumerate(result.alternatives, 1)]
+    if timeline is not None:
+        lines.append(f"wrote       {write_predicted(engine, best, prompt_len, new_tokens, profile, timeline)}")
+    return "\n".join(lines)
+
+
+def write_predicted(engine, choice: Choice, prompt_len: int, new_tokens: int, profile,
+                    path: Path) -> Path:
+    """Write the predicted decode step of ``choice`` as a timeline PNG or a Chrome trace."""
+    from graphs import DECODE
+    from pipo.planner.estimate import predict_step
+    from pipo.runtime.trace import timeline_png, write_chrome_trace
+
+    caps = caps_for(engine)
+    pred = predict_step(engine.spec, choice.plan, profile, DECODE,
+                        start=prompt_len + new_tokens // 2, t=1,
+                        dtype_nbytes=engine.dtype.itemsize,
+                        int4_group=engine.options.group_size if choice.int4 else None,
+                        link_bps=caps.link_bps)
+    if path.suffix.lower() == ".json":
+        return write_chrome_trace(pred.stats, path)
+    return timeline_png(pred.stats, path, title="predicted decode step")
