@@ -113,3 +113,25 @@ def test_a_slower_link_never_predicts_more_tokens_per_second():
               .best.estimate.tok_s for gbps in (0.5, 2, 8)]
     assert speeds == sorted(speeds)
     assert speeds[0] < speeds[-1]
+
+
+def test_a_link_cap_keeps_tokens_and_streams_at_most_the_cap(tmp_path):
+    """Generation with --link-gbps gives the same tokens; its copy tasks are never faster than
+    bytes / cap."""
+    from pipo import load
+    from pipo.runtime.tasks import LOAD_WEIGHT
+    from tests.e2e.conftest import build_model
+
+    build_model("llama", tmp_path)
+    prompts = [[1, 5, 9, 3]]
+    with load(tmp_path, placement="host") as engine:
+        free = engine.generate_ids(prompts, 4).tokens
+    with load(tmp_path, placement="host", link_gbps=0.05, trace=True) as engine:
+        capped = engine.generate_ids(prompts, 4)
+        sizes = {b: engine._weights.host[b][0].nbytes for b in engine._weights.host}
+    assert capped.tokens == free
+    loads = [r for s in capped.step_stats for r in s.records if r.lane == LOAD_WEIGHT]
+    assert loads
+    for r in loads:
+        block = r.name.removeprefix("LoadWeight(").rsplit(",", 1)[0]
+        assert r.end_s - r.start_s >= sizes[block] / 0.05e9
