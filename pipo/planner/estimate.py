@@ -1,8 +1,9 @@
 """Predict a plan's speed: build its step graphs, compile them, replay them on the virtual clock.
 
-A decode step is replayed with the next step's prefix released at 0 and the rest after the host's
-per-step work (``step_overhead_s``: logits, sampling), as :class:`pipo.engine.steps.StepLoop` runs
-it; its makespan is the step period. The decode step is costed at the middle of the generation
+A decode step is replayed as :class:`pipo.engine.steps.StepLoop` runs it: started early (each lane
+takes one prefix task), then the host's per-step work (``step_overhead_s``: logits, sampling),
+then the rest; its makespan is the step period. On a CPU the compute lane holds the event loop
+(``hog_lane``, :mod:`pipo.runtime.simulate`). The decode step is costed at the middle of the generation
 (``prompt_len + new_tokens // 2`` cached positions). Predicted tokens/s is
 ``batch · new_tokens / (prefill_s + (new_tokens - 1) · decode_s)``.
 """
@@ -19,7 +20,7 @@ from pipo.planner.profile import Profile
 from pipo.runtime.program import Program, compile_program
 from pipo.runtime.registry import Executors
 from pipo.runtime.simulate import Prediction, simulate
-from pipo.runtime.tasks import Compute, LoadKV, LoadWeight, ReadBlock, SaveKV
+from pipo.runtime.tasks import COMPUTE, Compute, LoadKV, LoadWeight, ReadBlock, SaveKV
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def predict_step(spec: ModelSpec, plan: Plan, profile: Profile, phase: str, *, s
     duration = task_durations(spec, plan, profile, start=start, t=t, dtype_nbytes=dtype_nbytes,
                               int4_group=int4_group, cap_bps=link_bps)
     release = profile.step_overhead_s if phase == DECODE else 0.0
-    pred = simulate(program, duration, release_s=release)
+    hog = COMPUTE if profile.device == "cpu" else None  # CPU compute runs on the event loop
+    pred = simulate(program, duration, release_s=release, hog_lane=hog)
     if phase == PREFILL:  # nothing of the prefill runs ahead of the host's work
         pred = _shifted(pred, profile.step_overhead_s)
     return pred

@@ -1,6 +1,6 @@
 """``pipo probe``: measure this machine in seconds and fit the numbers the cost model needs.
 
-- Links: a copy of a 32 MiB buffer into a device slot and back (on a CPU: a memcpy between two
+- Links: a copy of a 64 MiB buffer into a device slot and back (on a CPU: a memcpy between two
   host buffers, which is what a LoadWeight does there), from pinned and from pageable memory.
 - Disk: sequential ``O_DIRECT`` reads of a scratch file on the file system of ``disk_dir`` (the
   store's), page cache bypassed; a file system that refuses ``O_DIRECT`` is read after
@@ -10,14 +10,14 @@
   :class:`~pipo.planner.profile.ComputeFit` (:mod:`pipo.planner.costs` has the features).
 - Overheads: the scheduler running a chain of no-op tasks across two lanes (per task), and the
   host's per-step work (logits to host, greedy sampling).
-Every number is the median of a few repeats.
+Every time is the fastest of a few repeats: on a shared machine that is the closest to what the
+hardware does when this process has it (the slower repeats measure the neighbours).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,13 +32,14 @@ from pipo.planner.profile import ComputeFit, Profile, hardware_key
 from pipo.runtime import Executors, GraphBuilder, Runtime, Task
 from pipo.runtime.tasks import COMPUTE, LOAD_WEIGHT
 
-COPY_NBYTES = 32 * 2**20
+COPY_NBYTES = 64 * 2**20
 DISK_NBYTES = 64 * 2**20
 DISK_CHUNK_NBYTES = 4 * 2**20
-SHAPES = (ModelSpec("llama", vocab_size=8000, hidden=512, n_layers=1, n_heads=8, n_kv_heads=4,
-                    head_dim=64, ffn=1408, max_positions=4096),
-          ModelSpec("llama", vocab_size=8000, hidden=1024, n_layers=1, n_heads=16, n_kv_heads=4,
-                    head_dim=64, ffn=2816, max_positions=4096))
+# weights larger than a CPU's last-level cache, as a model's are (they stream from DRAM)
+SHAPES = (ModelSpec("llama", vocab_size=16000, hidden=1024, n_layers=1, n_heads=16, n_kv_heads=4,
+                    head_dim=64, ffn=2816, max_positions=4096),
+          ModelSpec("llama", vocab_size=16000, hidden=2048, n_layers=1, n_heads=32, n_kv_heads=8,
+                    head_dim=64, ffn=5632, max_positions=4096))
 POINTS = ((1, 1, 64), (1, 1, 1024), (8, 1, 256), (32, 1, 256), (1, 64, 64), (4, 128, 128))
 
 
@@ -64,7 +65,7 @@ def _median_s(fn, repeats: int = 5, sync=None) -> float:
         if sync is not None:
             sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _sync(dev: torch.device):
@@ -79,7 +80,8 @@ def _copy_bps(dev: torch.device, to_device: bool) -> tuple[float, float]:
         host = torch.empty(COPY_NBYTES, dtype=torch.uint8, pin_memory=pinned and dev.type == "cuda")
         host.fill_(2)
         src, dst = (host, slot) if to_device else (slot, host)
-        seconds = _median_s(partial(dst.copy_, src, non_blocking=True), sync=_sync(dev))
+        seconds = _median_s(partial(dst.copy_, src, non_blocking=True), repeats=7,
+                            sync=_sync(dev))
         rates.append(COPY_NBYTES / seconds)
     return rates[0], rates[1]
 

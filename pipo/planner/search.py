@@ -8,7 +8,8 @@ streamed blocks go to host RAM while the host cap allows and to the offload stor
 A candidate that does not fit a cap is dropped; the rest are scored by :func:`estimate` (decode
 and prefill step graphs replayed on the virtual clock, :mod:`pipo.runtime.simulate`).
 
-Search: a small grid over (KV placement, weight slots, int4), then coordinate passes over
+Search: a small grid over (KV placement, weight slots, int4) at the whole batch (if nothing of it
+fits: the first feasible points of the full grid), then coordinate passes over
 micro-batch, weight slots, KV slots and schedule, each keeping the best so far; every evaluation
 is cached. Candidates are visited in a fixed order and ties keep the earlier one, so the same
 inputs always give the same plan. Pinned choices (:class:`Pins`, the user's manual options) are
@@ -40,6 +41,7 @@ SLOT_CHOICES = (1, 2, 3, 4)
 KV_SLOT_CHOICES = (2, 3)
 SCHEDULES = ("pipo", "flexgen", "sequential")
 N_ALTERNATIVES = 3
+N_SEEDS = 12
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ def plan_run(request: Request, caps: Caps, profile: Profile, pins: Pins = Pins()
         for slots in search.options("n_weight_slots", (1, 2, 3)):
             for int4 in search.options("int4"):
                 best = search.better(best, {"kv": kv, "n_weight_slots": slots, "int4": int4})
+    if best is None:  # only smaller micro-batches or more KV slots fit: start from those
+        for point in [p for p in search.grid() if search.fits(p)][:N_SEEDS]:
+            best = search.better(best, point)
     if best is None:
         raise _refusal(request, caps, pins)
     for _ in range(2):

@@ -89,12 +89,47 @@ def test_a_lane_takes_the_critical_path_first():
     assert got == {"Step(y)": (0, 1000), "Step(x)": (1000, 2000), "Step(z)": (1000, 2000)}
 
 
-def test_a_started_run_holds_everything_but_the_prefix_until_release():
+def test_a_started_run_takes_one_prefix_task_per_lane_then_waits_for_the_caller():
+    """Runtime.start: each lane takes one prefix task, then the host samples for 2.5 ms; the
+    second load (also prefix) waits for finish() like everything else."""
     pred = simulate(_streamed(2, 2), _by_kind(2000, 1000), release_s=2500 * US)
     got = _timeline(pred)
-    assert got["LoadWeight(b0,0)"] == (0, 2000)  # the prefix goes ahead while the caller samples
+    assert got["LoadWeight(b0,0)"] == (0, 2000)  # goes ahead while the caller samples
+    assert got["LoadWeight(b1,1)"] == (2500, 4500)
     assert got["Compute(b0,0,0,-)"] == (2500, 3500)
-    assert round(pred.step_s / US) == 5000
+    assert round(pred.step_s / US) == 5500
+
+
+def test_the_loop_lane_holds_the_dispatcher_while_it_has_work():
+    """CPU compute runs on the event loop: two ready 3 ms computes run back to back and the
+    copy lane gets its chain (two 1 ms loads) only when compute runs dry."""
+    b = GraphBuilder()
+    b.add(Step("c1"))
+    b.add(Step("c2"))
+    first = b.add(Step("l1", lane=LOAD_WEIGHT))
+    b.add(Step("l2", lane=LOAD_WEIGHT), after=[first])
+    program = _program(b.graph)
+    us = {"c1": 3000, "c2": 3000, "l1": 1000, "l2": 1000}
+    free = _timeline(simulate(program, lambda t: us[t.label] * US))
+    held = _timeline(simulate(program, lambda t: us[t.label] * US, hog_lane=COMPUTE))
+    assert free["Step(l2)"] == (1000, 2000)
+    assert held["Step(c1)"] == (0, 3000) and held["Step(c2)"] == (3000, 6000)
+    assert held["Step(l1)"] == (6000, 7000) and held["Step(l2)"] == (7000, 8000)
+
+
+def test_an_end_seen_late_delays_its_successors_until_the_loop_is_free():
+    """A load ends at 1 ms while compute a (0-3 ms) holds the loop: its successor (compute b)
+    and the next load start only at 3 ms."""
+    b = GraphBuilder()
+    b.add(Step("a"))
+    load = b.add(Step("l1", lane=LOAD_WEIGHT))
+    b.add(Step("b"), after=[load])
+    b.add(Step("l2", lane=LOAD_WEIGHT), after=[load])
+    us = {"a": 3000, "b": 1000, "l1": 1000, "l2": 1000}
+    got = _timeline(simulate(_program(b.graph), lambda t: us[t.label] * US, hog_lane=COMPUTE))
+    assert got["Step(a)"] == (0, 3000)
+    assert got["Step(l1)"] == (3000, 4000)  # compute took the loop first at t=0
+    assert got["Step(l2)"] == (4000, 5000) and got["Step(b)"] == (4000, 5000)
 
 
 def test_a_real_step_graph_replays_with_every_task_once():
