@@ -5,8 +5,8 @@
 - Disk: sequential ``O_DIRECT`` reads of a scratch file on the file system of ``disk_dir`` (the
   store's), page cache bypassed; a file system that refuses ``O_DIRECT`` is read after
   ``POSIX_FADV_DONTNEED``.
-- Compute: pipo's own block functions (:mod:`pipo.ops.layers`) on random blocks of two small llama
-  shapes at a few token counts and context lengths; a non-negative least-squares fit of
+- Compute: pipo's own block functions (:mod:`pipo.ops.layers`) on random blocks of three llama
+  shapes (a 135M-class one and two wider ones whose weights exceed a CPU cache) at a few token counts and context lengths; a non-negative least-squares fit of
   :class:`~pipo.planner.profile.ComputeFit` (:mod:`pipo.planner.costs` has the features).
 - Overheads: the scheduler running a chain of no-op tasks across two lanes (per task), and the
   host's per-step work (logits to host, greedy sampling).
@@ -36,7 +36,9 @@ COPY_NBYTES = 64 * 2**20
 DISK_NBYTES = 64 * 2**20
 DISK_CHUNK_NBYTES = 4 * 2**20
 # weights larger than a CPU's last-level cache, as a model's are (they stream from DRAM)
-SHAPES = (ModelSpec("llama", vocab_size=16000, hidden=1024, n_layers=1, n_heads=16, n_kv_heads=4,
+SHAPES = (ModelSpec("llama", vocab_size=49152, hidden=576, n_layers=1, n_heads=9, n_kv_heads=3,
+                    head_dim=64, ffn=1536, max_positions=4096),
+          ModelSpec("llama", vocab_size=16000, hidden=1024, n_layers=1, n_heads=16, n_kv_heads=4,
                     head_dim=64, ffn=2816, max_positions=4096),
           ModelSpec("llama", vocab_size=16000, hidden=2048, n_layers=1, n_heads=32, n_kv_heads=8,
                     head_dim=64, ffn=5632, max_positions=4096))
