@@ -1,10 +1,11 @@
 """The planner's accuracy and quality, measured: two tables and a JSON document.
 
 1. Prediction error: for each configuration (model, placement, KV place, batch / micro-batch,
-   link cap) a short generation runs traced; the measured decode step (the fastest period between
-   two decode steps, sampling included: the machine is shared, the slower periods measure the
-   neighbours, and the profile takes the fastest repeat too) is set against the simulator's
-   prediction for the same plan, profile and position. Error = |predicted - measured| / measured.
+   link cap) a short generation runs traced; the measured decode step (the median period between
+   two decode steps, sampling included) is set against the simulator's prediction for the same
+   plan and position, with a profile measured just before that configuration (the machine is
+   shared: a profile and a run taken together see the same neighbours).
+   Error = |predicted - measured| / measured.
 2. Plan quality: for each workload (batch 1, 8, 32 under a device-memory cap and a link cap) the
    planner's plan and a grid of manual plans (KV on the device or in host RAM, whole batch or
    micro-batches, 2 or 3 weight slots) run side by side; tokens/s = batch * new tokens /
@@ -106,7 +107,7 @@ def measure(source, options: dict, batch: int, new_tokens: int, plan=None) -> di
         gen = engine.generate_ids([PROMPT] * batch, new_tokens,
                                   on_step=lambda _: stamps.append(time.perf_counter()))
     periods = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
-    return {"plan": gen.plan, "decode_s": min(periods), "prefill_s": gen.prefill_s,
+    return {"plan": gen.plan, "decode_s": statistics.median(periods), "prefill_s": gen.prefill_s,
             "tok_s": batch * gen.steps / (gen.prefill_s + gen.decode_s),
             "last_step": gen.step_stats[-1] if gen.step_stats else None, "steps": gen.steps}
 
@@ -123,15 +124,20 @@ def predicted_decode(source, plan, profile, options: dict, new_tokens: int):
                         int4_group=64 if int4 else None, link_bps=link * 1e9 if link else None)
 
 
-def error_table(profile, quick: bool, new_tokens: int, sources: dict, picture: Path | None):
+def error_table(profile, quick: bool, new_tokens: int, sources: dict, picture: Path | None,
+                reprobe: bool = True):
     """Rows of the prediction-error table (and the docs' picture from the third config)."""
     rows = []
+    from pipo.planner.probe import probe
+
     for i, cfg in enumerate(configs(quick)):
         source = open_source(cfg.model, sources)
+        profile = probe("cpu", "float32") if reprobe else profile
         got = measure(source, cfg.options, cfg.batch, new_tokens)
         pred = predicted_decode(source, got["plan"], profile, cfg.options, new_tokens)
         err = abs(pred.step_s - got["decode_s"]) / got["decode_s"]
         rows.append({"config": cfg.name, "measured_ms": 1e3 * got["decode_s"],
+                     "link_gbps_profile": profile.h2d_pinned_bps / 1e9,
                      "predicted_ms": 1e3 * pred.step_s, "error": err,
                      "bottleneck": pred.bottleneck})
         print(f"{cfg.name:<38}{rows[-1]['measured_ms']:>10.1f}{rows[-1]['predicted_ms']:>11.1f}"
@@ -209,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="4 configs, batches 1 and 8")
     p.add_argument("--picture", type=Path, default=None, help="write timelines into this dir")
     p.add_argument("--skip-quality", action="store_true", help="only the error table")
+    p.add_argument("--one-probe", action="store_true",
+                   help="one profile for every configuration (default: a fresh one before each)")
     args = p.parse_args(argv)
     import torch
 
@@ -220,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"meta": environment("cpu"), "profile": profile.to_json(), "errors": [], "quality": []}
     sources: dict = {}
     print(f"{'config':<38}{'meas ms':>10}{'pred ms':>11}{'error':>9}  bottleneck")
-    doc["errors"] = error_table(profile, args.quick, args.new_tokens, sources, args.picture)
+    doc["errors"] = error_table(profile, args.quick, args.new_tokens, sources, args.picture,
+                                reprobe=not args.one_probe)
     errors = [r["error"] for r in doc["errors"]]
     print(f"median error {100 * statistics.median(errors):.1f} %, max {100 * max(errors):.1f} %")
     write_json(doc, args.out)

@@ -10,14 +10,15 @@
   :class:`~pipo.planner.profile.ComputeFit` (:mod:`pipo.planner.costs` has the features).
 - Overheads: the scheduler running a chain of no-op tasks across two lanes (per task), and the
   host's per-step work (logits to host, greedy sampling).
-Every time is the fastest of a few repeats: on a shared machine that is the closest to what the
-hardware does when this process has it (the slower repeats measure the neighbours).
+Every time is the median of a few repeats, so a profile taken on a shared machine carries that
+machine's typical contention, as the runs after it will.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def _median_s(fn, repeats: int = 5, sync=None) -> float:
         if sync is not None:
             sync()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
 def _sync(dev: torch.device):
