@@ -49,6 +49,10 @@ def add_plan(sub) -> None:
     g.add_argument("--timeline", type=Path, default=None, metavar="FILE",
                    help="also write the chosen plan's predicted decode step: .png (timeline "
                         "picture) or .json (Chrome trace) (default: none)")
+    g.add_argument("--measure", action="store_true",
+                   help="also run the chosen plan for a few decode steps and print the measured "
+                        "step time next to the prediction; with --timeline, the measured step "
+                        "goes to FILE-measured.png/.json beside the predicted one")
     add_engine_options(p)
     p.set_defaults(run=run_plan)
 
@@ -125,5 +129,5 @@ def run_plan(args: argparse.Namespace) -> int:
             raise PipoError(f"--prompt-len + --new-tokens ({max_len}) exceeds the model's "
                             f"context of {engine.spec.max_positions} tokens")
         print(explain(engine, batch, args.prompt_len, args.new_tokens, profile,
-                      timeline=args.timeline))
+                      timeline=args.timeline, measure=args.measure))
     return 0

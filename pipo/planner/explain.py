@@ -38,8 +38,9 @@ def _prediction(choice: Choice) -> str:
 
 
 def explain(engine, batch: int, prompt_len: int, new_tokens: int, profile,
-            timeline: Path | None = None) -> str:
-    """The report of ``pipo plan``; with ``timeline``, the predicted decode step is written too."""
+            timeline: Path | None = None, measure: bool = False) -> str:
+    """The report of ``pipo plan``; with ``timeline``, the predicted decode step is written too;
+    with ``measure``, the plan runs a few decode steps (and their last one is written too)."""
     result = plan_engine(engine, batch, prompt_len + new_tokens, prompt_len=prompt_len,
                          new_tokens=new_tokens, profile=profile)
     caps, best = caps_for(engine), result.best
@@ -64,7 +65,46 @@ def explain(engine, batch: int, prompt_len: int, new_tokens: int, profile,
                   for i, c in enumerate(result.alternatives, 1)]
     if timeline is not None:
         lines.append(f"wrote       {write_predicted(engine, best, prompt_len, new_tokens, profile, timeline)}")
+    if measure:
+        lines += measured_lines(engine, best, batch, prompt_len, timeline)
     return "\n".join(lines)
+
+
+MEASURED_STEPS = 4
+
+
+def measured_lines(engine, choice: Choice, batch: int, prompt_len: int,
+                   timeline: Path | None) -> list[str]:
+    """Run ``choice`` for a few steps on a synthetic prompt; the measured decode step next to the
+    predicted one (and its timeline beside ``timeline``)."""
+    import statistics
+    import time
+    from dataclasses import replace
+
+    engine.options = replace(engine.options, trace=True, weights="int4" if choice.int4
+                             else engine.options.weights)
+    engine.runtime.trace = True
+    engine.plan_for = lambda b, m: replace(choice.plan, max_len=m)  # exactly the chosen plan
+    stamps: list[float] = []
+    prompt = [engine.spec.eos_ids[0] if engine.spec.eos_ids else 0] * prompt_len
+    gen = engine.generate_ids([prompt] * batch, MEASURED_STEPS + 1,
+                              on_step=lambda _: stamps.append(time.perf_counter()))
+    periods = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    if not periods:
+        return ["measured    (every row ended after one token: nothing to compare)"]
+    lines = [f"measured    decode {statistics.median(periods) * 1e3:.1f} ms/step (median of "
+             f"{len(periods)}), predicted {choice.estimate.decode_s * 1e3:.1f} ms/step"]
+    if timeline is not None and gen.step_stats:
+        from pipo.runtime.trace import timeline_png, write_chrome_trace
+
+        path = timeline.with_name(f"{timeline.stem}-measured{timeline.suffix}")
+        stats = gen.step_stats[-1]
+        if path.suffix.lower() == ".json":
+            write_chrome_trace(stats, path)
+        else:
+            timeline_png(stats, path, title="measured decode step")
+        lines.append(f"wrote       {path}")
+    return lines
 
 
 def write_predicted(engine, choice: Choice, prompt_len: int, new_tokens: int, profile,
