@@ -21,6 +21,7 @@ Usage: ``python benchmarks/bench_planner.py --out planner.json [--threads 1] [--
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -48,24 +49,24 @@ class Config:
 def configs(quick: bool) -> list[Config]:
     """The prediction-error grid (>= 12 configurations; ``quick``: the first 4)."""
     grid = [
-        Config("smollm2 resident b1", "smollm2", 1, dict(placement="resident")),
-        Config("smollm2 host b1", "smollm2", 1, dict(placement="host")),
+        Config("smollm2 resident b1", "smollm2", 1, {"placement": "resident"}),
+        Config("smollm2 host b1", "smollm2", 1, {"placement": "host"}),
         Config("smollm2 host kv-host b4 m2", "smollm2", 4,
-               dict(placement="host", kv_offload=True, micro_batch=2)),
+               {"placement": "host", "kv_offload": True, "micro_batch": 2}),
         Config("smollm2 host kv-host b8 m4 2GB/s", "smollm2", 8,
-               dict(placement="host", kv_offload=True, micro_batch=4, link_gbps=2.0)),
-        Config("smollm2 host b8 m1", "smollm2", 8, dict(placement="host", micro_batch=1)),
-        Config("smollm2 host b1 0.5GB/s", "smollm2", 1, dict(placement="host", link_gbps=0.5)),
+               {"placement": "host", "kv_offload": True, "micro_batch": 4, "link_gbps": 2.0}),
+        Config("smollm2 host b8 m1", "smollm2", 8, {"placement": "host", "micro_batch": 1}),
+        Config("smollm2 host b1 0.5GB/s", "smollm2", 1, {"placement": "host", "link_gbps": 0.5}),
         Config("smollm2 host b2 m1 8GB/s 3 slots", "smollm2", 2,
-               dict(placement="host", micro_batch=1, link_gbps=8.0, n_weight_slots=3)),
-        Config("smollm2 host kv-disk b4", "smollm2", 4, dict(placement="host", kv_disk_dir="TMP")),
-        Config("smollm2 disk kv-host b1", "store", 1, dict(placement="disk", kv_offload=True)),
-        Config("random-1g resident b1", "random-1g", 1, dict(placement="resident")),
-        Config("random-1g host b1", "random-1g", 1, dict(placement="host")),
+               {"placement": "host", "micro_batch": 1, "link_gbps": 8.0, "n_weight_slots": 3}),
+        Config("smollm2 host kv-disk b4", "smollm2", 4, {"placement": "host", "kv_disk_dir": "TMP"}),
+        Config("smollm2 disk kv-host b1", "store", 1, {"placement": "disk", "kv_offload": True}),
+        Config("random-1g resident b1", "random-1g", 1, {"placement": "resident"}),
+        Config("random-1g host b1", "random-1g", 1, {"placement": "host"}),
         Config("random-1g host kv-host b4 m2 1GB/s", "random-1g", 4,
-               dict(placement="host", kv_offload=True, micro_batch=2, link_gbps=1.0)),
+               {"placement": "host", "kv_offload": True, "micro_batch": 2, "link_gbps": 1.0}),
         Config("random-1g host b8 m8 4GB/s", "random-1g", 8,
-               dict(placement="host", link_gbps=4.0)),
+               {"placement": "host", "link_gbps": 4.0}),
     ]
     return grid[:4] if quick else grid
 
@@ -106,7 +107,7 @@ def measure(source, options: dict, batch: int, new_tokens: int, plan=None) -> di
         stamps: list[float] = []
         gen = engine.generate_ids([PROMPT] * batch, new_tokens,
                                   on_step=lambda _: stamps.append(time.perf_counter()))
-    periods = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    periods = [b - a for a, b in itertools.pairwise(stamps)]
     return {"plan": gen.plan, "decode_s": statistics.median(periods), "prefill_s": gen.prefill_s,
             "tok_s": batch * gen.steps / (gen.prefill_s + gen.decode_s),
             "last_step": gen.step_stats[-1] if gen.step_stats else None, "steps": gen.steps}
@@ -184,14 +185,14 @@ def quality_table(profile, quick: bool, new_tokens: int, sources: dict, cap: int
     rows = []
     for batch in ((1, 8) if quick else (1, 8, 32)):
         max_len = len(PROMPT) + new_tokens
-        options = dict(device_memory=cap, link_gbps=gbps)
+        options = {"device_memory": cap, "link_gbps": gbps}
         with Engine(source, EngineOptions(**options)) as engine:
             t0 = time.perf_counter()
             chosen = plan_engine(engine, batch, max_len, prompt_len=len(PROMPT),
                                  new_tokens=new_tokens, profile=profile).best
             plan_s = time.perf_counter() - t0
         planner = measure(source, options, batch, new_tokens, plan=chosen.plan)
-        manual = {name: measure(source, dict(link_gbps=gbps), batch, new_tokens, plan=plan)
+        manual = {name: measure(source, {"link_gbps": gbps}, batch, new_tokens, plan=plan)
                   for name, plan in manual_plans(source.spec, batch, max_len, cap)}
         best_name = max(manual, key=lambda n: manual[n]["tok_s"])
         ratio = planner["tok_s"] / manual[best_name]["tok_s"]

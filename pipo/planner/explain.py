@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -89,11 +90,11 @@ def measured_lines(engine, choice: Choice, batch: int, prompt_len: int,
     prompt = [engine.spec.eos_ids[0] if engine.spec.eos_ids else 0] * prompt_len
     gen = engine.generate_ids([prompt] * batch, MEASURED_STEPS + 1,
                               on_step=lambda _: stamps.append(time.perf_counter()))
-    periods = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    periods = [b - a for a, b in itertools.pairwise(stamps)]
     if not periods:
         return ["measured    (every row ended after one token: nothing to compare)"]
-    lines = [f"measured    decode {statistics.median(periods) * 1e3:.1f} ms/step (median of "
-             f"{len(periods)}), predicted {choice.estimate.decode_s * 1e3:.1f} ms/step"]
+    lines = [(f"measured    decode {statistics.median(periods) * 1e3:.1f} ms/step (median of "
+             f"{len(periods)}), predicted {choice.estimate.decode_s * 1e3:.1f} ms/step")]
     if timeline is not None and gen.step_stats:
         from pipo.runtime.trace import timeline_png, write_chrome_trace
 
