@@ -5,7 +5,8 @@
 - KV loads and saves: the bytes of the positions they move (the cache before ``start``; this
   step's ``t`` new entries) / link bandwidth.
 - Compute: :class:`~pipo.planner.profile.ComputeFit` · :func:`compute_features`.
-- Every task also pays the scheduler's ``task_overhead_s``.
+- Every task also pays the scheduler's overhead: ``thread_task_overhead_s`` on a CPU copy lane (a
+  worker thread's round trip), ``task_overhead_s`` elsewhere.
 ``link_bps`` caps both link directions (``--link-gbps``), as the token bucket on the lanes does.
 """
 
@@ -18,6 +19,7 @@ from pipo.io.spec import ModelSpec, block_layer, block_part
 from pipo.plan import Plan, estimate_block_nbytes
 from pipo.planner.profile import Profile
 from pipo.runtime.tasks import (
+    COMPUTE,
     DISK,
     Compute,
     LoadKV,
@@ -64,6 +66,7 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
     kv_per_pos = 2 * spec.n_kv_heads * spec.head_dim * dtype_nbytes  # K and V of one row, 1 layer
     fit = astuple(profile.compute)
     cache: dict[tuple, float] = {}
+    on_cpu = profile.device == "cpu"
 
     def rows(micro: int) -> int:
         return min(plan.micro_batch, plan.batch - micro * plan.micro_batch)
@@ -88,7 +91,8 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
             seconds = rows(task.micro) * t * kv_per_pos / d2h
         else:
             seconds = 0.0
-        return seconds + profile.task_overhead_s
+        threaded = on_cpu and task.lane not in (COMPUTE, DISK)  # a worker thread's round trip
+        return seconds + (profile.thread_task_overhead_s if threaded else profile.task_overhead_s)
 
     return duration
 

@@ -8,8 +8,8 @@
 - Compute: pipo's own block functions (:mod:`pipo.ops.layers`) on random blocks of three llama
   shapes (a 135M-class one and two wider ones whose weights exceed a CPU cache) at a few token counts and context lengths; a non-negative least-squares fit of
   :class:`~pipo.planner.profile.ComputeFit` (:mod:`pipo.planner.costs` has the features).
-- Overheads: the scheduler running a chain of no-op tasks across two lanes (per task), and the
-  host's per-step work (logits to host, greedy sampling).
+- Overheads: the scheduler running a chain of no-op tasks on the loop's lane and on a thread's
+  lane (per task), and the host's per-step work (logits to host, greedy sampling).
 Every time is the median of a few repeats, so a profile taken on a shared machine carries that
 machine's typical contention, as the runs after it will.
 """
@@ -55,8 +55,9 @@ def probe(device: str = "cpu", dtype: str = "float32", disk_dir: str | None = No
                    h2d_pinned_bps=h2d_pinned, h2d_pageable_bps=h2d_pageable,
                    d2h_pinned_bps=d2h_pinned, d2h_pageable_bps=d2h_pageable,
                    disk_read_bps=disk_read_bps(disk_dir or tempfile.gettempdir()),
-                   task_overhead_s=task_overhead_s(), step_overhead_s=_step_overhead_s(dev),
-                   compute=fit_compute(dev, dt))
+                   task_overhead_s=task_overhead_s(COMPUTE),
+                   thread_task_overhead_s=task_overhead_s(LOAD_WEIGHT),
+                   step_overhead_s=_step_overhead_s(dev), compute=fit_compute(dev, dt))
 
 
 def _median_s(fn, repeats: int = 5, sync=None) -> float:
@@ -121,14 +122,15 @@ def _read_file_s(path: str) -> float:
         buffer.close()
 
 
-def task_overhead_s(n_tasks: int = 400) -> float:
-    """Seconds the scheduler adds per task: a chain of no-op tasks alternating two lanes."""
+def task_overhead_s(lane: str, n_tasks: int = 300) -> float:
+    """Seconds the scheduler adds per task on ``lane`` (CPU lanes: compute runs on the event
+    loop, load_weight on a worker thread): a chain of no-op tasks there."""
     table = Executors()
     table.register(_Nop, lambda task, ctx: None)
     b = GraphBuilder()
     previous: list[str] = []
     for i in range(n_tasks):
-        previous = [b.add(_Nop(i, lane=COMPUTE if i % 2 else LOAD_WEIGHT), after=previous)]
+        previous = [b.add(_Nop(i, lane=lane), after=previous)]
     with Runtime(executors=table) as runtime:
         program = runtime.compile(b.graph)
         return _median_s(lambda: runtime.run(program), repeats=3) / n_tasks

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipo.runtime.render import atomic_write
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Profile:
     task_overhead_s: float
     step_overhead_s: float
     compute: ComputeFit
+    thread_task_overhead_s: float = 100e-6
     measured: bool = True
     version: int = PROFILE_VERSION
 
