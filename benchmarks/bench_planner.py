@@ -199,12 +199,16 @@ def quality_table(profile, quick: bool, new_tokens: int, sources: dict, cap: int
             continue
         best_name = max(manual, key=lambda n: manual[n]["tok_s"])
         ratio = planner["tok_s"] / manual[best_name]["tok_s"]
-        rows.append({"batch": batch, "planner_tok_s": planner["tok_s"],
+        from pipo.planner.explain import summarize
+
+        rows.append({"batch": batch, "planner_plan": summarize(chosen),
+                     "planner_tok_s": planner["tok_s"],
                      "planner_predicted_tok_s": chosen.estimate.tok_s, "plan_s": plan_s,
                      "best_manual": best_name, "best_manual_tok_s": manual[best_name]["tok_s"],
                      "ratio": ratio, "manual": {n: m["tok_s"] for n, m in manual.items()}})
         print(f"batch {batch:<4}{planner['tok_s']:>10.2f}{chosen.estimate.tok_s:>11.2f}  "
-              f"{best_name:<22}{manual[best_name]['tok_s']:>9.2f}{ratio:>8.2f}x", flush=True)
+              f"{best_name:<22}{manual[best_name]['tok_s']:>9.2f}{ratio:>8.2f}x\n"
+              f"          planner: {summarize(chosen)}", flush=True)
     return rows
 
 
