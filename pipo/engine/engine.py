@@ -60,6 +60,7 @@ class Engine:
         self._weights: PlacedWeights | None = None
         self._kv: KVCache | None = None
         self._programs: dict[tuple, Program] = {}
+        self._planned_for: dict[tuple, object] = {}  # (batch, max_len, options) -> planner choice
 
     def plan_for(self, batch: int, max_len: int) -> Plan:
         """The plan for a batch of ``batch`` sequences of up to ``max_len`` tokens."""
@@ -93,7 +94,10 @@ class Engine:
         chose them (only with ``allow_int4``)."""
         from pipo.planner.engine_plan import plan_engine
 
-        best = plan_engine(self, batch, max_len).best
+        key = (batch, max_len, self.options)
+        if key not in self._planned_for:  # a JSONL job asks for the same shapes again and again
+            self._planned_for[key] = plan_engine(self, batch, max_len).best
+        best = self._planned_for[key]
         if best.int4 and self.options.weights != "int4":
             self.options = replace(self.options, weights="int4")
         return replace(best.plan, staged_disk=self.options.stage_disk_reads())
