@@ -201,7 +201,10 @@ def quality_table(profile, quick: bool, new_tokens: int, sources: dict, cap: int
         ratio = planner["tok_s"] / manual[best_name]["tok_s"]
         from pipo.planner.explain import summarize
 
+        same = [n for n, plan in manual_plans(source.spec, batch, max_len, cap)
+                if plan == chosen.plan and not chosen.int4]
         rows.append({"batch": batch, "planner_plan": summarize(chosen),
+                     "same_as_manual": same[0] if same else None,
                      "planner_tok_s": planner["tok_s"],
                      "planner_predicted_tok_s": chosen.estimate.tok_s, "plan_s": plan_s,
                      "best_manual": best_name, "best_manual_tok_s": manual[best_name]["tok_s"],
