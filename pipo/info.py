@@ -39,7 +39,8 @@ def describe(engine, plan: Plan) -> str:
     lines.append("placement   " + ", ".join(f"{n} blocks {tier}" for tier, n in tiers.items()))
     lines.append(f"resident    {_size(plan.resident_nbytes)}; weight slots "
                  f"{plan.n_weight_slots} x {_size(plan.slot_nbytes)}")
-    kv_where = "host (offloaded)" if plan.kv_offloaded else "device"
+    kv_where = ("a disk file (offloaded)" if plan.kv_disk else "host (offloaded)"
+                if plan.kv_offloaded else "device")
     lines.append(f"kv cache    {_size(plan.kv_nbytes)} on {kv_where}")
     streamed = sum(sizes[b] for b in plan.streamed())
     lines.append(f"per step    {_size(streamed)} of weights streamed")
