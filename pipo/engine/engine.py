@@ -8,8 +8,8 @@ the next step's leading loads already run (:mod:`pipo.engine.steps`).
 from __future__ import annotations
 
 import time
-from typing import Callable
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
@@ -171,7 +171,8 @@ class Engine:
         return next(i for i in (spec.pad_id, *spec.eos_ids, 0) if i is not None)
 
     def _context(self, plan: Plan) -> StepContext:
-        if self._weights is None or _weights_key(self._weights.plan) != _weights_key(plan):
+        if (self._weights is None or _weights_key(self._weights.plan) != _weights_key(plan)
+                or self._weights.int4_group != self.options.int4_group()):  # the planner chose int4
             _close(self._weights)  # release the old placement (and its pinned arena) first
             self._weights = None
             self._weights = PlacedWeights(self.source, plan, device=self.device, dtype=self.dtype,

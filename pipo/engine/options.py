@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Callable
 
 import torch
 
