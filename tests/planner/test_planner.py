@@ -135,3 +135,19 @@ def test_a_link_cap_keeps_tokens_and_streams_at_most_the_cap(tmp_path):
     for r in loads:
         block = r.name.removeprefix("LoadWeight(").rsplit(",", 1)[0]
         assert r.end_s - r.start_s >= sizes[block] / 0.05e9
+
+
+def test_allow_int4_lets_the_engine_switch_to_int4_weights(tmp_path, monkeypatch):
+    """With --allow-int4 and a link-bound budget the planner picks int4 (4x fewer bytes streamed);
+    the engine then places int4 weights and generates."""
+    from pipo import load
+    from pipo.planner import engine_plan
+    from tests.e2e.conftest import build_model
+
+    monkeypatch.setattr(engine_plan, "profile_for", lambda device, dtype: PROFILE)
+    build_model("llama", tmp_path)
+    with load(tmp_path, device_memory=150_000, allow_int4=True, link_gbps=0.01) as engine:
+        result = engine.generate_ids([[1, 5, 9, 3]], 3)
+        assert engine.options.weights == "int4"
+        assert engine._weights.int4_group == engine.options.group_size
+    assert len(result.tokens[0]) == 3
