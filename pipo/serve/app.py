@@ -54,7 +54,8 @@ def build_app(service: Service) -> Starlette:
               Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={APIError: _api_error, HTTPException: _http_error})
+                     exception_handlers={APIError: _api_error, HTTPException: _http_error,
+                                         Exception: _internal_error})
 
 
 def _model_card(service: Service) -> dict:
@@ -71,6 +72,11 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                      type=kind)
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+    return JSONResponse(error.body(), status_code=500)
 
 
 async def _generate(service: Service, request: Request, parse):

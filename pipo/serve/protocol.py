@@ -114,8 +114,8 @@ def _number(body: dict, name: str, default: float, low: float, high: float,
     value = body.get(name)
     if value is None:
         return default
-    below = value <= low if low_open else value < low
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or below or value > high:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (value <= low if low_open else value < low) or value > high:
         span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise bad(f"'{name}' must be a number in {span}, got {value!r}", name)
     return float(value)
