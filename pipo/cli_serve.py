@@ -57,14 +57,18 @@ def model_id(model: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``pipo serve`` until SIGTERM or Ctrl+C."""
-    from pipo.serve.server import Limits, build_service, serve
+    from pipo.serve.server import Limits, bind, build_service, serve
 
     check(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")
     check(args.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0")
     check(args.api_key is None or args.api_key.strip() != "", "--api-key must not be empty")
     set_threads(args.threads)
     limits = Limits(args.max_batch, args.max_queue, args.prefill_chunk, args.max_len)
-    with open_engine(args) as engine:
-        service = build_service(engine, args.model_name or model_id(args.model), limits,
-                                args.api_key)
-        return serve(service, args.host, args.port, args.shutdown_timeout)
+    sock = bind(args.host, args.port)  # a taken port fails before the model loads
+    try:
+        with open_engine(args) as engine:
+            service = build_service(engine, args.model_name or model_id(args.model), limits,
+                                    args.api_key)
+            return serve(service, sock, args.shutdown_timeout)
+    finally:
+        sock.close()

@@ -84,15 +84,14 @@ def make_server(app, shutdown_timeout: float = 30.0):
     return Server(config)
 
 
-def serve(service: Service, host: str, port: int, shutdown_timeout: float = 30.0) -> int:
-    """Serve until SIGTERM/SIGINT; the exit status (0, or 130 after SIGINT)."""
+def serve(service: Service, sock: socket.socket, shutdown_timeout: float = 30.0) -> int:
+    """Serve on the listening ``sock`` until SIGTERM/SIGINT; the exit status (0; 130 after SIGINT)."""
     from pipo.serve.app import build_app
 
-    sock = bind(host, port)
     try:
         server = make_server(build_app(service), shutdown_timeout)
-        bound = sock.getsockname()[1]
-        print(f"pipo serve: {service.config.model_id} on http://{host}:{bound}/v1 "
+        host, port = sock.getsockname()[:2]
+        print(f"pipo serve: {service.config.model_id} on http://{host}:{port}/v1 "
               f"(OpenAI API; Ctrl+C or SIGTERM stops)", file=sys.stderr, flush=True)
         server.run(sockets=[sock])
     finally:
