@@ -31,11 +31,10 @@ class RecomputeBatch:
         self.engine, self.rows, self.max_len = engine, rows, max_len
         self._tokens: dict[int, list[int]] = {}
 
-    def admit(self, prompt_ids: list[int]) -> int:
-        """Take a free slot for a prompt (its tokens come in through :meth:`step`)."""
-        if len(prompt_ids) > self.max_len:
-            raise GenerationError(f"a prompt of {len(prompt_ids)} tokens does not fit a row of "
-                                  f"{self.max_len}")
+    def admit(self, prompt_ids: list[int] | None = None) -> int:
+        """Take a free slot with no tokens (feed the prompt with :meth:`step`)."""
+        if prompt_ids:
+            raise GenerationError("RecomputeBatch.admit takes no prompt: feed it with step()")
         row = next((r for r in range(self.rows) if r not in self._tokens), None)
         if row is None:
             raise BatchFull(f"all {self.rows} row slots are taken")

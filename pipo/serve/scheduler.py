@@ -175,7 +175,7 @@ class Scheduler:
         while self._queue and len(self._active) < self.max_batch:
             request = self._queue[0]
             try:
-                row = self.batch.admit(request.prompt)
+                row = self.batch.admit()  # the prompt goes in through step, chunk by chunk
             except Exception as exc:  # noqa: BLE001 - BatchFull or a refused prompt fails this request only
                 self._queue.popleft()
                 self._end(request, "error", f"could not admit the request: {exc}")
