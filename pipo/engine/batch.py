@@ -19,7 +19,7 @@ compiled per phase and reused by every bucket: the DAG does not depend on token 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -164,6 +164,8 @@ class Batch:
         merged = {row: self._pending.pop(row) + list(feed.get(row, []))
                   for row in list(self._pending)}
         merged.update({row: list(ids) for row, ids in feed.items() if row not in merged})
+        if not merged:
+            raise GenerationError("a step needs at least one row with tokens (or a pending prompt)")
         for row, ids in merged.items():
             if not ids:
                 raise GenerationError(f"row {row}: a step must append at least one token")
