@@ -149,8 +149,12 @@ class Scheduler:
                 while not self._queue and not self._active and not self._stopping:
                     self._lock.wait()
                 if self._stopping and not self._queue and not self._active:
-                    return
-            self.step_once()
+                    break
+            try:
+                self.step_once()
+            except Exception as exc:  # noqa: BLE001 - a bug fails the running rows, not the server
+                self._fail_active(exc)
+        self.batch.close()  # in the thread that ran it: cancels a prefetched pass
 
     def step_once(self) -> int:
         """One step boundary and step: retire cancelled rows, admit, run; returns rows stepped."""
@@ -191,18 +195,47 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.step_rows.append(len(feed))
         try:
-            logits = self.batch.step(feed, logits="last")
+            logits = self._pass(feed, work)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, not the server
-            with self._lock:
-                for row, request in work.items():
-                    self._release(row)
-                    self._end(request, "error", f"the step failed: {type(exc).__name__}: {exc}")
+            self._fail_active(exc)
             return
         with self._lock:
             for row, request in work.items():
                 request.fed += len(feed[row])
                 if request.fed >= len(request.prompt):
                     self._take_token(row, request, logits[row][-1:])
+
+    def _pass(self, feed: dict, work: dict[object, Request]) -> dict:
+        """The weight pass of ``feed``; where the batch can, the next step's leading loads start
+        while this one's logits are awaited (a guess: the same rows go on; a wrong guess only
+        costs the batch a restart)."""
+        if not hasattr(self.batch, "submit"):
+            return self.batch.step(feed, logits="last")
+        wait = self.batch.submit(feed, logits="last")
+        following = self._following(feed, work)
+        if following:
+            self.batch.prefetch(following)
+        return wait()
+
+    def _following(self, feed: dict, work: dict[object, Request]) -> dict:
+        """Tokens per row of the next step if no row ends early and none joins; {} if some will."""
+        with self._lock:
+            if self._queue and len(self._active) < self.max_batch:
+                return {}  # a request joins at the next boundary
+        following = {}
+        for row, request in work.items():
+            fed = request.fed + len(feed[row])
+            if fed < len(request.prompt):
+                following[row] = min(self.prefill_chunk, len(request.prompt) - fed)
+            elif len(request.generated) + 1 < request.max_tokens and not request.cancelled:
+                following[row] = 1
+        return following
+
+    def _fail_active(self, exc: Exception) -> None:
+        with self._lock:
+            for row, request in list(self._active.items()):
+                self._release(row)
+                self._end(request, "error", f"the step failed: {type(exc).__name__}: {exc}")
 
     def _take_token(self, row, request: Request, logits: torch.Tensor) -> None:
         if request.cancelled:

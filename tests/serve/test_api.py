@@ -179,16 +179,24 @@ def test_the_api_key_guards_every_route_but_health(tiny_server):
         tiny_server.service.config.api_key = None
 
 
+def patch_pass(monkeypatch, scheduler, wrap):
+    """Replace the batch call that runs the scheduler's weight passes (submit, else step) with
+    ``wrap(original)``."""
+    name = "submit" if hasattr(scheduler.batch, "submit") else "step"
+    monkeypatch.setattr(scheduler.batch, name, wrap(getattr(scheduler.batch, name)))
+
+
 def gate_steps(monkeypatch, scheduler):
     """Make the scheduler's steps wait for the returned event; returns it."""
     gate = threading.Event()
-    step = scheduler.batch.step
 
-    def gated(*args, **kw):
-        gate.wait(60)
-        return step(*args, **kw)
+    def wrap(original):
+        def gated(*args, **kw):
+            gate.wait(60)
+            return original(*args, **kw)
+        return gated
 
-    monkeypatch.setattr(scheduler.batch, "step", gated)
+    patch_pass(monkeypatch, scheduler, wrap)
     return gate
 
 
@@ -225,17 +233,17 @@ def tiny_server_wait(condition, seconds=60.0):
 
 def test_an_exception_in_a_step_fails_its_rows_with_500_and_serving_goes_on(tiny_server,
                                                                              monkeypatch):
-    scheduler = tiny_server.service.scheduler
-    step = scheduler.batch.step
     calls = []
 
-    def broken_once(*args, **kw):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("the device fell over")
-        return step(*args, **kw)
+    def wrap(original):
+        def broken_once(*args, **kw):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("the device fell over")
+            return original(*args, **kw)
+        return broken_once
 
-    monkeypatch.setattr(scheduler.batch, "step", broken_once)
+    patch_pass(monkeypatch, tiny_server.service.scheduler, wrap)
     client = tiny_server.client()
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model=TINY_ID, prompt="boom", max_tokens=3)
