@@ -1,7 +1,8 @@
 """Serving benchmark (issue 13): 16 concurrent streaming clients against 1, side by side, per placement.
 
 What it does, in one run, on one machine, for each ``--placement`` (default: resident, host):
-1. starts ``pipo serve`` (a subprocess, ``--max-batch`` = the clients, ``--threads``) on a free
+1. starts ``pipo serve`` (a subprocess; for ``disk``, on an offload store: ``--store`` or the
+   model converted by ``pipo convert`` into a temporary directory; ``--max-batch`` = the clients, ``--threads``) on a free
    port of 127.0.0.1 and warms it up (one request alone, then one per client at once: the step
    graphs of both batch shapes are compiled before timing);
 2. **1 client**: ``--requests`` streamed completions one after another;
@@ -27,10 +28,11 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from itertools import pairwise
 
 PROMPTS = ["The history of the city begins", "Once upon a time, in a small village by the sea,",
            "def quicksort(items):", "The three most important ideas in physics are",
@@ -38,9 +40,24 @@ PROMPTS = ["The history of the city begins", "Once upon a time, in a small villa
            "The weather today is", "In 1969, the first people to walk on the moon"]
 
 
-def start_server(args, placement: str) -> tuple[subprocess.Popen, str]:
+def disk_store(args, directory: str) -> str:
+    """An offload store of the model for ``--placement disk``: ``--store``, or converted now."""
+    if args.store:
+        return args.store
+    store = os.path.join(directory, "store")
+    source = [args.model] if args.model else []
+    if not source:
+        from pipo.io.default_model import default_model_path
+
+        source = [str(default_model_path())]
+    subprocess.run([sys.executable, "-m", "pipo", "convert", *source, store], check=True,
+                   stdout=subprocess.DEVNULL)
+    return store
+
+
+def start_server(args, placement: str, model: str | None) -> tuple[subprocess.Popen, str]:
     """``pipo serve`` on a free port; (process, base URL) once it listens."""
-    model = ["--model", args.model] if args.model else []
+    model = ["--model", model] if model else []
     command = [sys.executable, "-m", "pipo", "serve", *model, "--port", "0", "--placement",
                placement, "--max-batch", str(args.clients), "--max-queue", str(4 * args.clients),
                "--threads", str(args.threads), "--model-name", "bench", "--max-len", "512"]
@@ -65,7 +82,7 @@ async def one_request(client, prompt: str, max_tokens: int) -> dict:
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     return {"tokens": tokens, "ttft": stamps[0] - sent if stamps else None,
-            "gaps": [b - a for a, b in zip(stamps, stamps[1:])]}
+            "gaps": [b - a for a, b in pairwise(stamps)]}
 
 
 async def client_loop(client, index: int, requests: int, max_tokens: int) -> list[dict]:
@@ -101,9 +118,10 @@ def pct(values: list[float], q: int) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def run_placement(args, placement: str) -> dict:
+def run_placement(args, placement: str, scratch: str) -> dict:
     """Both sides on one server of ``placement``."""
-    process, url = start_server(args, placement)
+    model = disk_store(args, scratch) if placement == "disk" else args.model
+    process, url = start_server(args, placement, model)
     try:
         asyncio.run(side(url, 1, 1, 8))                       # warm-up: the 1-row shape
         asyncio.run(side(url, args.clients, 1, 8))            # and the full batch's
@@ -140,13 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model path (default: the default model)")
     p.add_argument("--placement", nargs="+", default=["resident", "host"],
                    choices=["resident", "host", "disk"])
+    p.add_argument("--store", default=None,
+                   help="offload store for --placement disk (default: the model converted now)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="bench_serve.json")
     args = p.parse_args(argv)
-    results = [run_placement(args, placement) for placement in args.placement]
+    with tempfile.TemporaryDirectory() as scratch:
+        results = [run_placement(args, placement, scratch) for placement in args.placement]
     print_table(results)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -86,7 +86,7 @@ class Scheduler:
     """Runs a batch of row slots for many concurrent requests (see the module docstring)."""
 
     def __init__(self, batch, *, max_batch: int, max_queue: int, prefill_chunk: int,
-                 eos_ids: tuple[int, ...] = ()):
+                 eos_ids: tuple[int, ...] = (), overlap: bool = True):
         if min(max_batch, max_queue, prefill_chunk) < 1:
             raise ValueError("max_batch, max_queue and prefill_chunk must be at least 1")
         self.batch = batch
@@ -95,6 +95,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.eos = set(eos_ids)
         self.stats = SchedulerStats()
+        self.overlap = overlap
         self._queue: deque[Request] = deque()
         self._active: dict[object, Request] = {}
         self._lock = threading.Condition()
@@ -209,7 +210,7 @@ class Scheduler:
         """The weight pass of ``feed``; where the batch can, the next step's leading loads start
         while this one's logits are awaited (a guess: the same rows go on; a wrong guess only
         costs the batch a restart)."""
-        if not hasattr(self.batch, "submit"):
+        if not self.overlap or not hasattr(self.batch, "submit"):
             return self.batch.step(feed, logits="last")
         wait = self.batch.submit(feed, logits="last")
         following = self._following(feed, work)
