@@ -73,13 +73,15 @@ class Request:
 
 @dataclass
 class SchedulerStats:
-    """Counters since start: steps run, requests finished, failed, cancelled; rows per step."""
+    """Counters since start: steps run, requests finished, failed, cancelled; the most rows one
+    step ran and the rows of all steps together (their mean is ``row_steps / steps``)."""
 
     steps: int = 0
     finished: int = 0
     failed: int = 0
     cancelled: int = 0
-    step_rows: list[int] = field(default_factory=list)
+    peak_rows: int = 0
+    row_steps: int = 0
 
 
 class Scheduler:
@@ -194,7 +196,8 @@ class Scheduler:
         """One step: each row of ``work`` feeds its pending tokens; sample and retire after."""
         feed = {row: r.pending()[:self.prefill_chunk] for row, r in work.items()}
         self.stats.steps += 1
-        self.stats.step_rows.append(len(feed))
+        self.stats.peak_rows = max(self.stats.peak_rows, len(feed))
+        self.stats.row_steps += len(feed)
         try:
             logits = self._pass(feed, work)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its rows, not the server

@@ -87,8 +87,7 @@ def test_concurrent_requests_joining_mid_run_equal_each_prompt_alone(tiny_server
     for i, prompt in enumerate(prompts):
         assert outs[i] == alone(reference_engine, reference_engine.tokenizer.encode(prompt),
                                 60 + i)[0], prompt
-    rows = tiny_server.service.scheduler.stats.step_rows
-    assert max(rows) == 4  # the batch was full: requests waited for slots and joined mid-run
+    assert tiny_server.service.scheduler.stats.peak_rows == 4  # the batch was full: requests waited for slots and joined mid-run
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_row(tiny_server):
@@ -204,14 +203,16 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_server, monkeypatch):
     scheduler = tiny_server.service.scheduler
     gate = gate_steps(monkeypatch, scheduler)
     body = {"model": TINY_ID, "prompt": "go", "max_tokens": 2}
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        http("POST", f"{tiny_server.url}/v1/completions", json_body=body).status_code))
-        for _ in range(5)]
-    try:
-        for t in threads:  # one is admitted and holds the step; four fill the queue
-            t.start()
-        tiny_server_wait(lambda: scheduler.load() == {"running": 1, "queued": 4})
+    results, threads = [], []
+
+    def post():
+        results.append(http("POST", f"{tiny_server.url}/v1/completions", json_body=body).status_code)
+
+    try:  # requests until 4 wait: the steps hold, so the first ones keep their slots
+        while scheduler.load()["queued"] < 4:
+            threads.append(threading.Thread(target=post))
+            threads[-1].start()
+            tiny_server_wait(lambda: sum(scheduler.load().values()) == len(threads))
         refused = http("POST", f"{tiny_server.url}/v1/completions", json_body=body)
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
@@ -219,7 +220,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_server, monkeypatch):
         gate.set()
         for t in threads:
             t.join(60)
-    assert results == [200] * 5
+    assert results == [200] * len(threads)
 
 
 def tiny_server_wait(condition, seconds=60.0):
