@@ -11,7 +11,8 @@ What it does, in one run, on one machine, for each ``--placement`` (default: res
 4. per side: aggregate decode tok/s = completion tokens (usage counts) / wall time of the side,
    time to first token (request sent -> first text chunk) and inter-token latency (gaps between
    text chunks) at p50 and p99; the ratio N-client / 1-client tok/s (targets: >= 5x resident,
-   >= 8x with ``--placement host``).
+   >= 8x with ``--placement host``); and how many N-client completions (greedy) equal the
+   1-client completion of the same prompt.
 
 Every request is bounded (``--max-tokens``), so a run is bounded: placements x (1 + clients) x
 requests requests. Prints a table and writes JSON to ``--out``.
@@ -72,16 +73,18 @@ def start_server(args, placement: str, model: str | None) -> tuple[subprocess.Po
 async def one_request(client, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: tokens, time to first token, gaps between chunks."""
     sent = time.perf_counter()
-    stamps, tokens = [], 0
+    stamps, tokens, pieces = [], 0, []
     stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens,
                                              temperature=0, stream=True,
                                              stream_options={"include_usage": True})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
+            pieces.append(chunk.choices[0].text)
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return {"tokens": tokens, "ttft": stamps[0] - sent if stamps else None,
+    return {"prompt": prompt, "text": "".join(pieces), "tokens": tokens,
+            "ttft": stamps[0] - sent if stamps else None,
             "gaps": [b - a for a, b in pairwise(stamps)]}
 
 
@@ -107,7 +110,15 @@ async def side(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     gaps = [g for r in done for g in r["gaps"]]
     return {"clients": clients, "requests": len(done), "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "itl_p50_s": pct(gaps, 50), "itl_p99_s": pct(gaps, 99)}
+            "itl_p50_s": pct(gaps, 50), "itl_p99_s": pct(gaps, 99),
+            "texts": [(r["prompt"], r["text"]) for r in done]}
+
+
+def equal_to_alone(one: dict, many: dict) -> tuple[int, int]:
+    """(equal, compared): the N-client texts of prompts the 1-client side also ran (greedy)."""
+    alone = dict(one["texts"])
+    pairs = [(alone[p], t) for p, t in many["texts"] if p in alone]
+    return sum(a == t for a, t in pairs), len(pairs)
 
 
 def pct(values: list[float], q: int) -> float | None:
@@ -130,8 +141,9 @@ def run_placement(args, placement: str, scratch: str) -> dict:
     finally:
         process.send_signal(signal.SIGTERM)
         status = process.wait(120)
+    equal, compared = equal_to_alone(one, many)
     return {"placement": placement, "one": one, "many": many, "ratio": many["tok_s"] / one["tok_s"],
-            "exit_status": status}
+            "equal_to_alone": equal, "compared": compared, "exit_status": status}
 
 
 def ms(value: float | None) -> str:
@@ -141,15 +153,17 @@ def ms(value: float | None) -> str:
 def print_table(results: list[dict]) -> None:
     """The table: one line per placement and side."""
     print("| placement | clients | requests | tokens | wall s | tok/s | vs 1 client | TTFT p50/p99 ms "
-          "| ITL p50/p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
+          "| ITL p50/p99 ms | text = 1 client's |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|---|")
     for r in results:
+        same = f"{r['equal_to_alone']}/{r['compared']}"
         for s in (r["one"], r["many"]):
             ratio = s["tok_s"] / r["one"]["tok_s"]
             print(f"| {r['placement']} | {s['clients']} | {s['requests']} | {s['tokens']} | "
                   f"{s['wall_s']:.1f} | {s['tok_s']:.1f} | {ratio:.2f}x | "
                   f"{ms(s['ttft_p50_s'])} / {ms(s['ttft_p99_s'])} | "
-                  f"{ms(s['itl_p50_s'])} / {ms(s['itl_p99_s'])} |")
+                  f"{ms(s['itl_p50_s'])} / {ms(s['itl_p99_s'])} | "
+                  f"{'-' if s is r['one'] else same} |")
 
 
 def main(argv: list[str] | None = None) -> int:
