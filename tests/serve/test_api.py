@@ -251,3 +251,24 @@ def test_an_exception_in_a_step_fails_its_rows_with_500_and_serving_goes_on(tiny
     assert "the device fell over" in err.value.body["message"]
     out = client.completions.create(model=TINY_ID, prompt="boom", max_tokens=3)
     assert out.usage.completion_tokens == 3
+
+
+def test_each_request_samples_with_its_own_seed_whatever_shares_its_steps(tiny_server):
+    client = tiny_server.client()
+
+    def sampled(seed):
+        return client.completions.create(model=TINY_ID, prompt="Roll", max_tokens=24,
+                                         temperature=1.5, top_p=0.95, seed=seed).choices[0].text
+
+    alone_7, alone_8 = sampled(7), sampled(8)
+    outs = {}
+    threads = [threading.Thread(target=lambda s=s: outs.__setitem__(s, sampled(s)))
+               for s in (7, 8)]
+    threads.append(threading.Thread(target=lambda: client.completions.create(
+        model=TINY_ID, prompt="greedy neighbour", max_tokens=30, **GREEDY)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outs == {7: alone_7, 8: alone_8}
+    assert alone_7 != alone_8
