@@ -58,3 +58,29 @@ def test_a_taken_port_and_a_bad_port_exit_2(tiny_text_model, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_text_model), "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
+
+
+def test_sigterm_with_no_shutdown_time_cancels_the_in_flight_request_and_exits_0(
+        tiny_text_model):
+    import http.client
+    import json
+
+    process, url = start(tiny_text_model, "--shutdown-timeout", "0")
+    try:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/v1/completions", body=json.dumps(
+            {"model": TINY_ID, "prompt": "long", "max_tokens": 240, "temperature": 0,
+             "stream": True}), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.readline().startswith(b"data: ")
+        process.send_signal(signal.SIGTERM)
+        try:
+            rest = response.read()
+        except http.client.IncompleteRead as cut:  # the server closed the stream mid-way
+            rest = cut.partial
+        assert b"[DONE]" not in rest and b'"finish_reason": "length"' not in rest
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+        process.wait()
