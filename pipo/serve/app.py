@@ -7,13 +7,14 @@ needed). Every error is OpenAI's ``{"error": {...}}`` body with its status.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pipo.serve import protocol
@@ -89,11 +90,37 @@ async def _generate(service: Service, request: Request, parse):
         return StreamingResponse(_events(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
-        text = "".join([piece async for piece in job.pieces()])
+        text = await _unless_disconnected(request, _text(job))
     finally:
         service.scheduler.cancel(job.request)  # no-op once finished; frees the row otherwise
+    if text is None:
+        return Response(status_code=499)  # nobody is listening any more
     use = protocol.usage(job.prompt_tokens, job.completion_tokens)
     return JSONResponse(protocol.response(parsed, job.request_id, text, job.finish_reason, use))
+
+
+async def _text(job: Job) -> str:
+    return "".join([piece async for piece in job.pieces()])
+
+
+async def _unless_disconnected(request: Request, work):
+    """``work``'s result, or None (``work`` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return once the client has gone (the body is read already, so only that can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _events(job: Job):

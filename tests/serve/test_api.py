@@ -272,3 +272,18 @@ def test_each_request_samples_with_its_own_seed_whatever_shares_its_steps(tiny_s
         t.join(120)
     assert outs == {7: alone_7, 8: alone_8}
     assert alone_7 != alone_8
+
+
+def test_a_client_giving_up_on_a_whole_response_frees_its_row(tiny_server):
+    import urllib.request
+
+    stats = tiny_server.service.scheduler.stats
+    cancelled = stats.cancelled
+    request = urllib.request.Request(
+        f"{tiny_server.url}/v1/completions", method="POST",
+        data=b'{"model": "tiny", "prompt": "w", "max_tokens": 250, "temperature": 0}',
+        headers={"Content-Type": "application/json"})
+    with pytest.raises(OSError):  # a timeout: the client hangs up before the answer
+        urllib.request.urlopen(request, timeout=0.3)
+    tiny_server.wait_idle()
+    assert stats.cancelled == cancelled + 1
