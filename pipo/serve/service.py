@@ -41,8 +41,9 @@ class Service:
         key = self.config.api_key
         if key is None:
             return
-        given = (header or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
+        scheme, _, given = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 

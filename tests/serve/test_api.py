@@ -170,6 +170,11 @@ def test_the_api_key_guards_every_route_but_health(tiny_server):
             tiny_server.client(api_key="wrong").completions.create(model=TINY_ID, prompt="a",
                                                                    max_tokens=2)
         assert http("POST", f"{tiny_server.url}/v1/chat/completions", json_body={}).status_code == 401
+        for header in ("sekret", "Basic sekret", "Bearer sekret2"):
+            assert http("GET", f"{tiny_server.url}/v1/models",
+                        headers={"Authorization": header}).status_code == 401
+        assert http("GET", f"{tiny_server.url}/v1/models",
+                    headers={"Authorization": "bearer sekret"}).status_code == 200
         out = tiny_server.client(api_key="sekret").completions.create(model=TINY_ID, prompt="a",
                                                                       max_tokens=2)
         assert out.usage.completion_tokens == 2
