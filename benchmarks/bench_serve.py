@@ -1,10 +1,10 @@
-"""Serving benchmark (issue 13): 16 concurrent streaming clients against 1, side by side, per placement.
+"""Serving benchmark (issue 13): 16 concurrent streaming clients against 1, side by side.
 
 What it does, in one run, on one machine, for each ``--placement`` (default: resident, host):
-1. starts ``pipo serve`` (a subprocess; for ``disk``, on an offload store: ``--store`` or the
-   model converted by ``pipo convert`` into a temporary directory; ``--max-batch`` = the clients, ``--threads``) on a free
-   port of 127.0.0.1 and warms it up (one request alone, then one per client at once: the step
-   graphs of both batch shapes are compiled before timing);
+1. starts ``pipo serve`` (a subprocess, ``--max-batch`` = the clients, ``--threads``; for ``disk``
+   on an offload store: ``--store``, or the model converted by ``pipo convert`` into a temporary
+   directory) on a free port of 127.0.0.1 and warms it up (one request alone, then one per client
+   at once: the step graphs of both batch shapes are compiled before timing);
 2. **1 client**: ``--requests`` streamed completions one after another;
 3. **N clients** (``--clients``, default 16): each streams ``--requests`` completions one after
    another, all clients at once (asyncio, the official ``openai`` client's AsyncOpenAI);
@@ -152,8 +152,8 @@ def ms(value: float | None) -> str:
 
 def print_table(results: list[dict]) -> None:
     """The table: one line per placement and side."""
-    print("| placement | clients | requests | tokens | wall s | tok/s | vs 1 client | TTFT p50/p99 ms "
-          "| ITL p50/p99 ms | text = 1 client's |")
+    print("| placement | clients | requests | tokens | wall s | tok/s | vs 1 client "
+          "| TTFT p50/p99 ms | ITL p50/p99 ms | text = 1 client's |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---|---|")
     for r in results:
         same = f"{r['equal_to_alone']}/{r['compared']}"

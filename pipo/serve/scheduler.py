@@ -20,8 +20,8 @@ event and its slot is freed); the loop goes on with the next request.
 State: ``_queue`` (waiting requests), ``_active`` (row -> request), both guarded by ``_lock``;
 ``Request.fed`` tokens of the request are in its row's KV. Events reach the request's owner through
 ``Request.on_event(kind, value)`` from the scheduler thread: ``("token", id)``,
-``("done", "stop" | "length" | "cancelled")``, ``("error", message)``; exactly one of done/error ends
-a request.
+``("done", "stop" | "length" | "cancelled")``, ``("error", message)``; exactly one of done/error
+ends a request.
 
 The batch object follows the per-row KV contract (``admit / step / length / free / close``).
 """
@@ -113,12 +113,13 @@ class Scheduler:
                 raise NotAccepting("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
-            request.generator = None if request.sampling.greedy else make_generator(request.sampling)
+            sampling = request.sampling
+            request.generator = None if sampling.greedy else make_generator(sampling)
             self._queue.append(request)
             self._lock.notify_all()
 
     def cancel(self, request: Request) -> None:
-        """Stop ``request``: dropped from the queue now, or its row freed at the next step boundary."""
+        """Stop ``request``: it leaves the queue, or its row is freed, at the next step boundary."""
         with self._lock:
             request.cancelled = True
             self._lock.notify_all()

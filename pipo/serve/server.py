@@ -85,7 +85,7 @@ def make_server(app, shutdown_timeout: float = 30.0):
 
 
 def serve(service: Service, sock: socket.socket, shutdown_timeout: float = 30.0) -> int:
-    """Serve on the listening ``sock`` until SIGTERM/SIGINT; the exit status (0; 130 after SIGINT)."""
+    """Serve on ``sock`` until SIGTERM or SIGINT; returns the exit status (0, 130 after SIGINT)."""
     from pipo.serve.app import build_app
 
     try:

@@ -1,4 +1,4 @@
-"""Tokens to text pieces with stop strings: a piece is only sent once no stop string can start in it."""
+"""Tokens to text pieces with stop strings: a piece is sent once no stop string can start in it."""
 
 from __future__ import annotations
 

@@ -126,8 +126,8 @@ def http(method: str, url: str, *, content: bytes | None = None, json_body=None,
 
     if json_body is not None:
         content = json.dumps(json_body).encode()
-    request = urllib.request.Request(url, data=content, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=content, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return Reply(response.status, {k.lower(): v for k, v in response.headers.items()},

@@ -26,8 +26,8 @@ def chat_ids(engine, content):
 
 
 def test_completion_equals_the_prompt_generated_alone(tiny_server, reference_engine):
-    out = tiny_server.client().completions.create(model=TINY_ID, prompt="The cat sat", max_tokens=12,
-                                                  **GREEDY)
+    out = tiny_server.client().completions.create(model=TINY_ID, prompt="The cat sat",
+                                                  max_tokens=12, **GREEDY)
     text, n = alone(reference_engine, reference_engine.tokenizer.encode("The cat sat"), 12)
     assert out.object == "text_completion" and out.model == TINY_ID
     assert out.choices[0].text == text and out.choices[0].finish_reason == "length"
@@ -87,7 +87,8 @@ def test_concurrent_requests_joining_mid_run_equal_each_prompt_alone(tiny_server
     for i, prompt in enumerate(prompts):
         assert outs[i] == alone(reference_engine, reference_engine.tokenizer.encode(prompt),
                                 60 + i)[0], prompt
-    assert tiny_server.service.scheduler.stats.peak_rows == 4  # the batch was full: requests waited for slots and joined mid-run
+    # the batch was full: requests waited for slots and joined mid-run
+    assert tiny_server.service.scheduler.stats.peak_rows == 4
 
 
 def test_a_client_disconnecting_mid_stream_frees_its_row(tiny_server):
@@ -107,7 +108,8 @@ def test_a_client_disconnecting_mid_stream_frees_its_row(tiny_server):
 @pytest.mark.parametrize("body, param", [
     ({"temperature": 2.5}, "temperature"), ({"temperature": "hot"}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": -1}, "seed"),
-    ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": ""}, "prompt"), ({"prompt": [1, 2, 3, 9999]}, "prompt"),
 ])
 def test_bad_sampling_and_request_values_answer_400_naming_the_field(tiny_server, body, param):
@@ -169,7 +171,8 @@ def test_the_api_key_guards_every_route_but_health(tiny_server):
         with pytest.raises(openai.AuthenticationError):
             tiny_server.client(api_key="wrong").completions.create(model=TINY_ID, prompt="a",
                                                                    max_tokens=2)
-        assert http("POST", f"{tiny_server.url}/v1/chat/completions", json_body={}).status_code == 401
+        empty = http("POST", f"{tiny_server.url}/v1/chat/completions", json_body={})
+        assert empty.status_code == 401
         for header in ("sekret", "Basic sekret", "Bearer sekret2"):
             assert http("GET", f"{tiny_server.url}/v1/models",
                         headers={"Authorization": header}).status_code == 401
@@ -211,7 +214,8 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_server, monkeypatch):
     results, threads = [], []
 
     def post():
-        results.append(http("POST", f"{tiny_server.url}/v1/completions", json_body=body).status_code)
+        reply = http("POST", f"{tiny_server.url}/v1/completions", json_body=body)
+        results.append(reply.status_code)
 
     try:  # requests until 4 wait: the steps hold, so the first ones keep their slots
         while scheduler.load()["queued"] < 4:

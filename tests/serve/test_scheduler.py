@@ -157,7 +157,8 @@ def test_a_full_queue_refuses_and_a_stopped_scheduler_refuses():
 def test_each_row_samples_with_its_own_seed_and_temperature():
     def tokens(seed, temperature):
         _, sched = make()
-        req, log = request([1, 2, 3], max_tokens=8, sampling=SamplingParams(temperature, 0, 1.0, seed))
+        sampling = SamplingParams(temperature, 0, 1.0, seed)
+        req, log = request([1, 2, 3], max_tokens=8, sampling=sampling)
         greedy, greedy_log = request([1, 2, 3], max_tokens=8)
         sched.submit(req)
         sched.submit(greedy)
