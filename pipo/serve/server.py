@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 
 from pipo.errors import PipoError
-from pipo.serve.rows import open_rows
 from pipo.serve.scheduler import Scheduler
 from pipo.serve.service import ServeConfig, Service
 
@@ -36,7 +35,7 @@ def build_service(engine, model_id: str, limits: Limits, api_key: str | None = N
     if engine.tokenizer is None:
         raise PipoError("pipo serve needs a model with a tokenizer (text in, text out)")
     max_len = min(limits.max_len or DEFAULT_MAX_LEN, engine.spec.max_positions)
-    batch = open_rows(engine, limits.max_batch, max_len)
+    batch = engine.open_batch(limits.max_batch, max_len)  # per-row KV: docs/rows.md
     scheduler = Scheduler(batch, max_batch=limits.max_batch, max_queue=limits.max_queue,
                           prefill_chunk=limits.prefill_chunk, eos_ids=tuple(engine.spec.eos_ids))
     scheduler.start()
