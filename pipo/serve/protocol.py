@@ -77,6 +77,8 @@ def parse_chat(body: dict) -> Parsed:
     parsed.messages = [_message(m, i) for i, m in enumerate(messages)]
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     parsed.max_tokens = _max_tokens(body, key)
+    if body.get("logprobs") or body.get("tools") or body.get("response_format"):
+        raise bad("logprobs, tools and response_format are not supported by pipo serve")
     return parsed
 
 
