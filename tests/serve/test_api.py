@@ -135,8 +135,8 @@ def test_an_unknown_model_answers_404(tiny_server):
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"model": "tiny"}',
                                      b'{"model": "tiny", "messages": [{"role": "cat"}]}',
-                                     b'{"model": "tiny", "messages": [{"role": "user", '
-                                     b'"content": "x"}], "logprobs": true}'])
+                                     (b'{"model": "tiny", "messages": [{"role": "user", '
+                                      b'"content": "x"}], "logprobs": true}')])
 def test_a_bad_body_answers_400_in_openais_shape(tiny_server, content):
     response = http("POST", f"{tiny_server.url}/v1/chat/completions", content=content)
     assert response.status_code == 400
