@@ -12,9 +12,6 @@ import pytest
 
 from tests.cli.tiny_text_model import build_text_model
 
-pytest.importorskip("openai")
-pytest.importorskip("uvicorn")
-
 # A plain chat template for the tiny model (its tokens are characters)
 CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}[assistant] {% endif %}")

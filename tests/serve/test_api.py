@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import threading
 
-import openai
 import pytest
 
 from tests.serve.conftest import TINY_ID, http, open_stream
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
 
 GREEDY = {"temperature": 0}
 

@@ -10,8 +10,13 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from pipo.cli import main
 from tests.serve.conftest import TINY_ID
+
+pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
 
 
 def start(model, *extra):

@@ -10,6 +10,8 @@ import pytest
 from tests.serve.conftest import start_server
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
 MODEL_ID = "SmolLM2-135M-Instruct"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "List three prime numbers and explain briefly why each of them is prime."]
