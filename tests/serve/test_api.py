@@ -300,3 +300,34 @@ def test_a_client_giving_up_on_a_whole_response_frees_its_row(tiny_server):
         urllib.request.urlopen(request, timeout=0.3)
     tiny_server.wait_idle()
     assert stats.cancelled == cancelled + 1
+
+
+def test_streamed_weights_and_offloaded_kv_serve_the_same_tokens(tiny_text_model, reference_engine):
+    """The overlap path (next step's loads started while sampling) with weights and KV streamed."""
+    from pipo.cli_options import open_engine_with
+    from pipo.engine import EngineOptions
+    from tests.serve.conftest import start_server
+
+    prompts = ["short", "a somewhat longer prompt here", "mid length"]
+    with open_engine_with(str(tiny_text_model),
+                          EngineOptions(placement="host", kv_offload=True)) as engine:
+        running = start_server(engine, TINY_ID, max_batch=2, max_queue=4, prefill_chunk=4,
+                               max_len=128)
+        try:
+            outs = {}
+
+            def ask(i):
+                out = running.client().completions.create(model=TINY_ID, prompt=prompts[i],
+                                                          max_tokens=16 + 3 * i, **GREEDY)
+                outs[i] = out.choices[0].text
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        finally:
+            running.stop()
+    for i, prompt in enumerate(prompts):
+        ids = reference_engine.tokenizer.encode(prompt)
+        assert outs[i] == alone(reference_engine, ids, 16 + 3 * i)[0], prompt
