@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipo.cli_options import (add_engine_options, add_model_option, add_threads_option, check,
                               open_engine, positive_int, set_threads)
+from pipo.errors import PipoError
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
@@ -57,6 +58,12 @@ def model_id(model: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``pipo serve`` until SIGTERM or Ctrl+C."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise PipoError("pipo serve needs the serve extra: pip install 'pipo[serve]' "
+                        "(Starlette and uvicorn)") from None
     from pipo.serve.server import Limits, bind, build_service, serve
 
     check(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}")

@@ -89,3 +89,9 @@ def test_sigterm_with_no_shutdown_time_cancels_the_in_flight_request_and_exits_0
     finally:
         process.kill()
         process.wait()
+
+
+def test_without_the_serve_extra_it_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    assert main(["serve", "--port", "0"]) == 2
+    assert "pip install 'pipo[serve]'" in capsys.readouterr().err
