@@ -63,6 +63,8 @@ def test_a_taken_port_and_a_bad_port_exit_2(tiny_text_model, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_text_model), "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
+    assert main(["serve", "--model", "/no/such/model", "--port", "0"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
 
 
 def test_sigterm_with_no_shutdown_time_cancels_the_in_flight_request_and_exits_0(
