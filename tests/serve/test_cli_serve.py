@@ -29,17 +29,33 @@ def start(model, *extra):
     raise AssertionError(f"pipo serve exited with {process.wait()} before listening")
 
 
+def refuses_connections(port: int, seconds: float = 30.0) -> bool:
+    """True once 127.0.0.1:``port`` refuses a connection (False after ``seconds``)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_sigterm_finishes_the_in_flight_request_and_exits_0(tiny_text_model):
     from openai import OpenAI
 
     process, url = start(tiny_text_model)
     try:
         client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-        stream = client.completions.create(model=TINY_ID, prompt="long", max_tokens=150,
+        stream = client.completions.create(model=TINY_ID, prompt="long", max_tokens=220,
                                            temperature=0, stream=True)
         chunks = iter(stream)
         first = [next(chunks), next(chunks)]
         process.send_signal(signal.SIGTERM)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert refuses_connections(port)  # no new connections while the stream goes on
         rest = list(chunks)
         assert [c.choices[0].finish_reason for c in first + rest][-1] == "length"
         assert process.wait(60) == 0
@@ -73,8 +89,8 @@ def test_sigterm_with_no_shutdown_time_cancels_the_in_flight_request_and_exits_0
     import json
 
     process, url = start(tiny_text_model, "--shutdown-timeout", "0")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
     try:
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("POST", "/v1/completions", body=json.dumps(
             {"model": TINY_ID, "prompt": "long", "max_tokens": 240, "temperature": 0,
