@@ -1,5 +1,5 @@
-"""The ``pipo`` command: ``generate``, ``info``, ``graph``, ``convert``, ``verify``, ``probe``,
-``plan``, ``bench``.
+"""The ``pipo`` command: ``generate``, ``serve``, ``info``, ``graph``, ``convert``, ``verify``,
+``probe``, ``plan``, ``bench``.
 
 Every user error (a :class:`~pipo.errors.PipoError`) prints one line ``pipo: error: ...`` and exits
 with status 2; no traceback. Subcommands live in small modules, each with ``add_parser`` and
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipo import __version__
     from pipo.cli_generate import add_generate
     from pipo.cli_plan import add_plan, add_probe
+    from pipo.cli_serve import add_serve
     from pipo.cli_tools import add_convert, add_graph, add_info, add_verify
 
     parser = argparse.ArgumentParser(
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pipo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
+    add_serve(sub)
     add_info(sub)
     add_graph(sub)
     add_convert(sub)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from pipo.cli_batch import read_prompts, run_batch
-from pipo.cli_options import (add_engine_options, add_model_option, check, open_engine,
-                              positive_int, set_threads)
+from pipo.cli_options import (add_engine_options, add_model_option, add_threads_option, check,
+                              open_engine, positive_int, set_threads)
 from pipo.cli_paths import check_output_file
 from pipo.ops.sampling import SamplingParams
 
@@ -49,9 +49,7 @@ def add_generate(sub) -> None:
                         "(default: none; required with --input)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="prompts generated together, with --input (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for torch and the int4 kernels (default: torch's, usually "
-                        "one per core)")
+    add_threads_option(p)
     add_engine_options(p)
     _add_ray_options(p)
     p.set_defaults(run=run)

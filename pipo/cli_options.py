@@ -117,6 +117,13 @@ def open_engine_with(model, options):
     return Engine(open_model(model), options)
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: CPU threads for torch and the int4 kernels."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch and the int4 kernels (default: torch's, "
+                             "usually one per core)")
+
+
 def set_threads(n_threads: int | None) -> None:
     """Run torch and numba's parallel kernels on ``n_threads`` CPU threads (``None``: defaults)."""
     if n_threads is None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs pipo with the default model.
-#   --test   adds the test dependencies (which include the bench and ray extras)
+#   --test   adds the test dependencies (which include the bench, ray and serve extras)
 #   --bench  adds the baselines of `pipo bench` (transformers, accelerate): pip install -e .[bench]
 # TORCH_SPEC picks the torch wheel (default: the CPU build torch==2.13.0).
 set -euo pipefail

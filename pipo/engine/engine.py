@@ -1,44 +1,33 @@
 """The engine: plans a run, places weights and KV, compiles step graphs once, generates tokens.
 
-``Engine.generate_ids`` is the whole loop: one prefill run of the prefill graph, then one run of the
-(same, compiled once) decode graph per new token; sampling happens between runs on the host, while
-the next step's leading loads already run (:mod:`pipo.engine.steps`).
+``Engine.open_batch`` gives per-row KV batches (:mod:`pipo.engine.batch`); ``Engine.generate_ids``
+is a thin user of one: the prompts are the first step's rows, then one decode token per row and
+step (:func:`pipo.engine.loop.decode_loop`); sampling happens between runs on the host, while the
+next step's leading loads already run (:mod:`pipo.engine.steps`).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from graphs import DECODE, PREFILL, build_step
+from graphs import build_step
 from pipo.engine import executors as _executors  # noqa: F401 - registers the default executors
+from pipo.engine.batch import Batch
 from pipo.engine.context import StepContext
 from pipo.engine.kv import KVCache
+from pipo.engine.loop import Generation, decode_loop
 from pipo.engine.options import EngineOptions
-from pipo.engine.steps import StepLoop, step_io
+from pipo.engine.steps import step_io
 from pipo.engine.weights import PlacedWeights, store_is_int4
 from pipo.errors import GenerationError, PlanError
 from pipo.ops.rope import rope_tables
-from pipo.ops.sampling import SamplingParams, make_generator, sample
+from pipo.ops.sampling import SamplingParams
 from pipo.ops.traits import traits_for
 from pipo.plan import DISK, Plan, estimate_block_nbytes, fixed_plan, make_plan
-from pipo.runtime.scheduler import Program, RunStats, Runtime
-
-
-@dataclass
-class Generation:
-    """Result of :meth:`Engine.generate_ids`: new tokens per prompt (eos excluded) and timings."""
-
-    tokens: list[list[int]]
-    plan: Plan
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    steps: int = 0
-    logits: list[torch.Tensor] = field(default_factory=list)
-    step_stats: list[RunStats] = field(default_factory=list)
+from pipo.runtime.scheduler import Program, Runtime
 
 
 class Engine:
@@ -102,53 +91,30 @@ class Engine:
             self.options = replace(self.options, weights="int4")
         return replace(best.plan, staged_disk=self.options.stage_disk_reads())
 
+    def open_batch(self, rows: int, max_len: int) -> Batch:
+        """A :class:`~pipo.engine.batch.Batch` of ``rows`` row slots of up to ``max_len`` tokens
+        each (one KV cache; its previous batch's cache is released). See docs/rows.md."""
+        if rows < 1 or max_len < 1:
+            raise GenerationError(f"a batch needs rows >= 1 and max_len >= 1, got {rows}, {max_len}")
+        plan = self.plan_for(rows, max_len)
+        return Batch(self.runtime, self.step_io, self._context(plan), plan, max_len,
+                     lambda phase: self.program(plan, phase), keep_stats=self.options.trace)
+
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), *, keep_logits: bool = False,
                      on_step: Callable[[list[int | None]], None] | None = None) -> Generation:
-        """Generate up to ``max_new_tokens`` tokens after each prompt (a batch, left-padded).
+        """Generate up to ``max_new_tokens`` tokens after each prompt (one row of a batch each).
 
         ``on_step`` receives, after every step, each row's new token (``None`` once a row ended).
         """
         sampling.validate()
         self._check_request(prompts, max_new_tokens)
-        longest = max(len(p) for p in prompts)
-        plan = self.plan_for(len(prompts), longest + max_new_tokens)
-        ctx = self._context(plan)
-        ids, mask = left_pad(prompts, self._pad_id(), plan.max_len)
-        generator = make_generator(sampling)
-        result = Generation(tokens=[[] for _ in prompts], plan=plan)
-        done = [False] * len(prompts)
-        eos = set(self.spec.eos_ids)
-        steps = StepLoop(self.runtime, self.step_io, ctx, plan,
-                         lambda phase: self.program(plan, phase), keep_stats=self.options.trace)
+        batch = self.open_batch(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
         try:
-            for step in range(max_new_tokens):
-                phase, start = (PREFILL, 0) if step == 0 else (DECODE, longest + step - 1)
-                t0 = time.perf_counter()
-                logits_ready = steps.run(phase, start, ids, mask)
-                if step + 1 < max_new_tokens:  # the next step's leading loads go ahead now
-                    steps.start_next(DECODE, longest + step, 1)
-                logits = logits_ready()
-                next_ids = sample(logits, sampling, generator)
-                elapsed = time.perf_counter() - t0
-                if step == 0:
-                    result.prefill_s = elapsed
-                else:
-                    result.decode_s += elapsed
-                result.steps += 1
-                if keep_logits:
-                    result.logits.append(logits)
-                fresh = _append(result.tokens, done, next_ids.tolist(), eos)
-                if on_step is not None:
-                    on_step(fresh)
-                if all(done):
-                    break
-                mask[:, longest + step] = True
-                ids = next_ids.view(-1, 1)
+            return decode_loop(batch, prompts, max_new_tokens, sampling, set(self.spec.eos_ids),
+                               keep_logits=keep_logits, on_step=on_step)
         finally:
-            steps.close()
-        result.step_stats = steps.stats
-        return result
+            batch.close()
 
     def _check_request(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -252,16 +218,3 @@ def left_pad(prompts: list[list[int]], pad_id: int, max_len: int | None = None
         ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[row, longest - len(p):longest] = True
     return ids, mask
-
-
-def _append(tokens: list[list[int]], done: list[bool], new: list[int], eos: set[int]
-            ) -> list[int | None]:
-    """Record each row's new token; return it per row, ``None`` for rows that have ended."""
-    fresh: list[int | None] = []
-    for row, token in enumerate(new):
-        if not done[row] and token in eos:
-            done[row] = True
-        fresh.append(None if done[row] else token)
-        if not done[row]:
-            tokens[row].append(token)
-    return fresh

@@ -1,8 +1,10 @@
 """The KV cache of a run: resident on the compute device, or on the host with device KV slots.
 
-Attention sees K and V of shape [rows, n_kv_heads, max_len, head_dim] per (layer, micro-batch) (see
-``pipo.ops.layers``). Resident, they are stored that way. Offloaded, the host copy and the device
-slots are both position-major [max_len, rows, n_kv_heads, head_dim] and attention gets a permuted
+Attention sees K and V of shape [rows, n_kv_heads, capacity, head_dim] per (layer, micro-batch)
+(see ``pipo.ops.rows``), ``capacity = plan.max_len + 1``: the last position is the *trash* slot
+that a step's padding tokens write into and attention never reads (:func:`capacity`). Resident, they
+are stored that way. Offloaded, the host copy and the device slots are both position-major
+[capacity, rows, n_kv_heads, head_dim] and attention gets a permuted
 view of the slot: a LoadKV task copies the first ``start`` positions into one of
 ``plan.n_kv_slots`` device slots and SaveKV copies this step's entries back, each a single
 contiguous copy (one DMA on CUDA) with no staging tensor, no transpose and no allocation.
@@ -30,6 +32,11 @@ from pipo.runtime.memory import HostArena, PinRegistrar, align_up
 KV_ALIGN_NBYTES = 256
 
 
+def capacity(plan: Plan) -> int:
+    """Cache positions per row: ``plan.max_len`` real ones and the trash slot at ``plan.max_len``."""
+    return plan.max_len + 1
+
+
 def micro_rows(plan: Plan, micro: int) -> int:
     """Rows (sequences) in micro-batch ``micro``; the last one may be smaller."""
     return min(plan.micro_batch, plan.batch - micro * plan.micro_batch)
@@ -47,12 +54,12 @@ class KVCache:
         self.arena: HostArena | None = None
         keys = [(layer, m) for layer in range(spec.n_layers) for m in range(plan.n_micro)]
         if not plan.kv_offloaded:
-            shape = (spec.n_kv_heads, plan.max_len, spec.head_dim)
+            shape = (spec.n_kv_heads, capacity(plan), spec.head_dim)
             self.home = {k: _pair(torch.zeros, (micro_rows(plan, k[1]), *shape), device, dtype)
                          for k in keys}
             self.slots: list[dict[int, tuple]] = []  # per slot, per row count: position-major (k, v)
         else:
-            shapes = {k: (plan.max_len, micro_rows(plan, k[1]), spec.n_kv_heads, spec.head_dim)
+            shapes = {k: (capacity(plan), micro_rows(plan, k[1]), spec.n_kv_heads, spec.head_dim)
                       for k in keys}
             if plan.kv_disk:
                 self.home = _disk_pairs(shapes, dtype, disk_dir)
@@ -60,13 +67,13 @@ class KVCache:
                 registrar = registrar if registrar is not None else memory.default_registrar(device)
                 self.arena, self.home = _arena_pairs(shapes, dtype, registrar)
             self.slots = [_slot_views(spec, plan, device, dtype) for _ in range(plan.n_kv_slots)]
-        # attention's [rows, nkv, max_len, hd] views of the position-major slots
+        # attention's [rows, nkv, capacity, hd] views of the position-major slots
         self._attention_views = [{rows: tuple(t.permute(1, 2, 0, 3) for t in pair)
                                   for rows, pair in slot.items()} for slot in self.slots]
         self.slot_holds: list[tuple[int, int] | None] = [None] * len(self.slots)
 
     def for_compute(self, layer: int, micro: int, slot: int | None) -> tuple[torch.Tensor, ...]:
-        """The (k, v) tensors attention reads and appends to: [rows, n_kv_heads, max_len, head_dim]."""
+        """The (k, v) tensors attention reads and appends to: [rows, n_kv_heads, capacity, head_dim]."""
         if slot is None:
             return self.home[(layer, micro)]
         self.slot_holds[slot] = (layer, micro)
@@ -110,11 +117,11 @@ def _pair(make, shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _slot_views(spec: ModelSpec, plan: Plan, device, dtype) -> dict[int, tuple]:
     """One device KV slot: flat K and V buffers for a full micro-batch, viewed position-major
-    [max_len, rows, nkv, hd] for each row count the micro-batches have (a contiguous prefix each)."""
-    per_row = plan.max_len * spec.n_kv_heads * spec.head_dim
+    [capacity, rows, nkv, hd] for each row count the micro-batches have (a contiguous prefix each)."""
+    per_row = capacity(plan) * spec.n_kv_heads * spec.head_dim
     flat = _pair(torch.zeros, (plan.micro_batch * per_row,), device, dtype)
     row_counts = {micro_rows(plan, m) for m in range(plan.n_micro)}
-    return {rows: tuple(t[:rows * per_row].view(plan.max_len, rows, spec.n_kv_heads, spec.head_dim)
+    return {rows: tuple(t[:rows * per_row].view(capacity(plan), rows, spec.n_kv_heads, spec.head_dim)
                         for t in flat) for rows in row_counts}
 
 

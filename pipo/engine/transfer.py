@@ -16,6 +16,9 @@ def transfer_nbytes(task, ctx) -> int:
     if isinstance(task, (LoadKV, SaveKV)):
         spec, plan = ctx.spec, ctx.kv.plan
         per_position = 2 * spec.n_kv_heads * spec.head_dim * ctx.weights.dtype.itemsize
-        positions = ctx.start if isinstance(task, LoadKV) else ctx.t
+        if isinstance(task, LoadKV):
+            positions = ctx.kv_load_end[task.micro]
+        else:
+            positions = ctx.kv_save[task.micro][1]
         return micro_rows(plan, task.micro) * positions * per_position
     return 0

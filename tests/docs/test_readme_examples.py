@@ -14,6 +14,10 @@ Not run, each for the reason in :data:`NOT_RUN`: ``scripts/setup.sh`` and ``pip 
 install from the network; CI runs setup before this suite), ``pytest`` (this suite itself), and
 ``--device cuda`` without a CUDA device.
 
+A command ``pipo serve ... &`` starts that server in the background for the rest of its document
+(the next command runs once it answers ``/health``; SIGTERM stops it, and it must exit 0, when the
+document is done), so a document can show a client talking to it.
+
 Fixtures, made in each document's directory: ``model_dir/``, the README's stand-in for "a Hugging
 Face safetensors directory of your own": a tiny random llama with a character tokenizer
 (:mod:`tests.cli.tiny_text_model`).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +43,7 @@ NOT_RUN = {
     "pytest": "this is the test suite itself",
 }
 CUDA_REASON = "needs a CUDA device"
+SERVE_IN_BACKGROUND = re.compile(r"-m pipo\.cli serve\b.*&\s*$")
 SHORT_GENERATION = " -n 8"
 SHORT_BENCH = " --batch 1 --gen-len 2 --repeats 1"
 pytestmark = pytest.mark.slow
@@ -127,6 +133,27 @@ def run(command: list[str], cwd: Path, where: str) -> None:
     assert "Traceback" not in proc.stderr, f"{where} printed a traceback:\n{output}"
 
 
+def start_server(line: str, cwd: Path, where: str):
+    """(where, process) of a ``pipo serve ... &`` line, once it answers /health."""
+    import time
+    import urllib.request
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = shlex.split(line.rstrip().removesuffix("&"))
+    port = argv[argv.index("--port") + 1] if "--port" in argv else "8000"
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, f"{where}: pipo serve exited {process.returncode}"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            return where, process
+        except OSError:
+            assert time.monotonic() < deadline, f"{where}: pipo serve did not start"
+            time.sleep(0.2)
+
+
 def test_every_line_of_every_bash_block_is_in_one_command():
     for document in DOCUMENTS:
         for language, first, lines in code_blocks((ROOT / document).read_text()):
@@ -151,18 +178,25 @@ def test_examples_run_as_written(document, tmp_path, capsys):
     from tests.cli.tiny_text_model import build_text_model
 
     build_text_model(tmp_path / "model_dir")
-    not_run = []
-    for language, first, lines in code_blocks((ROOT / document).read_text()):
-        if language == "python":
-            script = tmp_path / f"block_{first}.py"
-            script.write_text("\n".join(lines) + "\n")
-            run([sys.executable, str(script)], tmp_path, f"{document}:{first} (python block)")
-        elif language == "bash":
-            for number, command in bash_commands(lines, first):
-                line, reasons = runnable(command, torch.cuda.is_available())
-                not_run += [f"{document}:{number}: {r}" for r in reasons]
-                if line is not None:
-                    run(["bash", "-c", line], tmp_path, f"{document}:{number}: {command}")
+    not_run, servers = [], []
+    try:
+        for language, first, lines in code_blocks((ROOT / document).read_text()):
+            if language == "python":
+                script = tmp_path / f"block_{first}.py"
+                script.write_text("\n".join(lines) + "\n")
+                run([sys.executable, str(script)], tmp_path, f"{document}:{first} (python block)")
+            elif language == "bash":
+                for number, command in bash_commands(lines, first):
+                    line, reasons = runnable(command, torch.cuda.is_available())
+                    not_run += [f"{document}:{number}: {r}" for r in reasons]
+                    if line is not None and SERVE_IN_BACKGROUND.search(line):
+                        servers.append(start_server(line, tmp_path, f"{document}:{number}"))
+                    elif line is not None:
+                        run(["bash", "-c", line], tmp_path, f"{document}:{number}: {command}")
+    finally:
+        for where, server in servers:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(120) == 0, f"{where}: pipo serve did not exit 0 on SIGTERM"
     with capsys.disabled():
         for entry in not_run:
             print(f"\n  not run: {entry}", end="")

@@ -42,7 +42,7 @@ def test_load_gives_attention_the_cached_prefix_in_its_layout():
         kv.load(1, micro, slot=1, start=7)
         k, v = kv.for_compute(1, micro, slot=1)
         home_k, home_v = kv.home[(1, micro)]
-        assert k.shape == (rows, SPEC.n_kv_heads, 12, SPEC.head_dim)
+        assert k.shape == (rows, SPEC.n_kv_heads, 12 + 1, SPEC.head_dim)  # + the trash slot
         assert torch.equal(k[:, :, :7], home_k[:7].permute(1, 2, 0, 3))
         assert torch.equal(v[:, :, :7], home_v[:7].permute(1, 2, 0, 3))
 

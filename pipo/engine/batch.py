@@ -1,0 +1,230 @@
+"""Per-row KV batches: row slots with their own lengths, positions and KV regions, and rollback.
+
+``batch = engine.open_batch(rows, max_len)`` gives ``rows`` row slots of up to ``max_len`` tokens
+each. :meth:`Batch.admit` takes a free slot, :meth:`Batch.step` runs ONE weight pass in which every
+listed row appends its tokens (a prompt chunk, a decode token, k draft tokens, in any mix) and
+returns each row's logits; :meth:`Batch.truncate` rolls a row back, :meth:`Batch.free` releases its
+slot at once. There is no left padding: a step's tokens are packed per micro-batch (see
+:mod:`pipo.ops.rows`), padded only up to a token *bucket* (:func:`bucket_tokens`), and the padding
+writes its KV into a trash slot (the cache's last position, past ``max_len``) that attention never
+reads. Since a row's attention reads only its own positions below its length, rolling back is just
+lowering the length; the next append overwrites the discarded entries.
+
+Overlap: :meth:`Batch.submit` runs a step and returns a wait for its logits; :meth:`Batch.prefetch`
+then starts the *next* step's leading loads (weights, KV) before the host samples. The next
+:meth:`submit` finishes that run when its KV load ranges are the ones prefetched, else it cancels
+it and runs afresh (same tokens either way). One step graph (a DAG of tasks, see :mod:`graphs`) is
+compiled per phase and reused by every bucket: the DAG does not depend on token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from graphs import DECODE, PREFILL
+from pipo.engine.context import StepContext
+from pipo.engine.kv import micro_rows
+from pipo.errors import GenerationError, PipoError
+from pipo.ops.rows import pack_rows
+from pipo.plan import Plan
+from pipo.runtime.scheduler import Program, RunStats, Runtime, StartedRun
+
+LOGITS = ("last", "all")
+
+
+class BatchFull(PipoError):
+    """Every row slot of the batch is taken."""
+
+
+def bucket_tokens(n: int) -> int:
+    """The padded token count of a micro-batch step of ``n`` tokens: the next power of two up to
+    64, then the next multiple of 64 (at most 63 padding tokens, and few distinct shapes)."""
+    if n <= 64:
+        return 1 << max(n - 1, 0).bit_length()
+    return -(-n // 64) * 64
+
+
+class Batch:
+    """Row slots over one KV cache; see the module docstring. Made by ``Engine.open_batch``.
+
+    ``program(phase)`` gives the compiled step graph; ``io`` moves inputs and logits
+    (:mod:`pipo.engine.steps`); ``stats`` collects each step's RunStats when ``keep_stats``.
+    """
+
+    def __init__(self, runtime: Runtime, io, ctx: StepContext, plan: Plan, max_len: int,
+                 program: Callable[[str], Program], keep_stats: bool = False):
+        self.runtime, self.io, self.ctx, self.plan, self.program = runtime, io, ctx, plan, program
+        self.max_len, self.keep_stats = max_len, keep_stats
+        self.stats: list[RunStats] = []
+        self._lengths: list[int | None] = [None] * plan.batch  # None: free slot
+        self._pending: dict[int, list[int]] = {}
+        self._started: tuple[tuple, StartedRun] | None = None
+        self._trash = plan.max_len  # the KV cache's trash slot (pipo.engine.kv.capacity)
+
+    @property
+    def rows(self) -> int:
+        """Number of row slots."""
+        return len(self._lengths)
+
+    def admitted(self) -> list[int]:
+        """Rows currently taken, ascending."""
+        return [r for r, n in enumerate(self._lengths) if n is not None]
+
+    def admit(self, prompt_ids: list[int] | None = None) -> int:
+        """Take a free row slot (the lowest) with an empty KV; :class:`BatchFull` when none is free.
+
+        ``prompt_ids``, when given, are fed to the row at the next :meth:`step` (before any tokens
+        that step lists for it), so its prompt runs in the same pass as other rows' decode tokens.
+        """
+        row = next((r for r, n in enumerate(self._lengths) if n is None), None)
+        if row is None:
+            raise BatchFull(f"all {self.rows} row slots of the batch are taken; free a row first")
+        self._lengths[row] = 0
+        if prompt_ids:
+            self._pending[row] = list(prompt_ids)
+        return row
+
+    def length(self, row: int) -> int:
+        """Tokens in the row's KV (a pending prompt not yet included)."""
+        return self._checked(row)
+
+    def truncate(self, row: int, length: int) -> None:
+        """Roll ``row`` back to its first ``length`` tokens: positions >= ``length`` are discarded."""
+        current = self._checked(row)
+        if not 0 <= length <= current:
+            raise GenerationError(f"cannot truncate row {row} of {current} tokens to {length}")
+        self._lengths[row] = length
+
+    def free(self, row: int) -> None:
+        """Release ``row``'s slot at once; the next :meth:`admit` may reuse it."""
+        self._checked(row)
+        self._lengths[row] = None
+        self._pending.pop(row, None)
+
+    def step(self, feed: dict[int, list[int]], logits: str = "last") -> dict[int, torch.Tensor]:
+        """One weight pass appending ``feed[row]`` to each listed row; returns {row: logits [n,
+        vocab]} (float32, host), n = 1 for ``"last"``, the row's new token count for ``"all"``."""
+        return self.submit(feed, logits)()
+
+    def submit(self, feed: dict[int, list[int]], logits: str = "last"
+               ) -> Callable[[], dict[int, torch.Tensor]]:
+        """Run the step of :meth:`step`; return a wait for its logits (call :meth:`prefetch` first
+        to overlap the next step's loads with that wait)."""
+        if logits not in LOGITS:
+            raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+        feed = self._merge_pending(feed)
+        layout = self._layout({row: len(ids) for row, ids in feed.items()})
+        started = self._take_started(layout)
+        self._set_inputs(feed, logits, layout)
+        stats = started.finish() if started else self.runtime.run(self.program(layout[0]), self.ctx)
+        if self.keep_stats:
+            self.stats.append(stats)
+        for row, ids in feed.items():
+            self._lengths[row] += len(ids)
+        active = [m for m in range(self.plan.n_micro) if self.ctx.rows[m] is not None]
+        wait = self.io.fetch(torch.cat([self.ctx.logits[m] for m in active]))
+        counts = [(row, len(ids) if logits == "all" else 1) for row, ids in sorted(feed.items())]
+
+        def split() -> dict[int, torch.Tensor]:
+            host, out, at = wait(), {}, 0
+            for row, n in counts:
+                out[row], at = host[at:at + n], at + n
+            return out
+
+        return split
+
+    def prefetch(self, counts: dict[int, int]) -> None:
+        """Start the leading loads of a next step that appends ``counts[row]`` tokens per row."""
+        self._cancel_started()
+        layout = self._layout(counts)
+        self.ctx.kv_load_end = list(layout[1])
+        self._started = (layout, self.runtime.start(self.program(layout[0]), self.ctx))
+
+    def close(self) -> None:
+        """Cancel a started step, then wait until the device finished every copy of the batch. The
+        KV cache stays with the engine until its next batch or ``Engine.close``."""
+        self._cancel_started()
+        self.io.barrier()
+        self._lengths = [None] * len(self._lengths)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _checked(self, row: int) -> int:
+        if not 0 <= row < self.rows or self._lengths[row] is None:
+            raise GenerationError(f"row {row} is not admitted in this batch")
+        return self._lengths[row]
+
+    def _merge_pending(self, feed: dict[int, list[int]]) -> dict[int, list[int]]:
+        merged = {row: self._pending.pop(row) + list(feed.get(row, []))
+                  for row in list(self._pending)}
+        merged.update({row: list(ids) for row, ids in feed.items() if row not in merged})
+        if not merged:
+            raise GenerationError("a step needs at least one row with tokens (or a pending prompt)")
+        for row, ids in merged.items():
+            if not ids:
+                raise GenerationError(f"row {row}: a step must append at least one token")
+            if self._checked(row) + len(ids) > self.max_len:
+                raise GenerationError(f"row {row} would hold {self._lengths[row] + len(ids)} "
+                                      f"tokens, more than the batch's max_len {self.max_len}")
+        return merged
+
+    def _micro_of(self, row: int) -> tuple[int, int]:
+        return divmod(row, self.plan.micro_batch)
+
+    def _layout(self, counts: dict[int, int]) -> tuple:
+        """(phase, KV load end per micro-batch) of a step with ``counts`` tokens per row."""
+        active = {self._micro_of(row)[0] for row in counts}
+        ends = []
+        for m in range(self.plan.n_micro):
+            rows = range(m * self.plan.micro_batch, m * self.plan.micro_batch + micro_rows(self.plan, m))
+            ends.append(max((self._lengths[r] or 0) for r in rows) if m in active else 0)
+        return (DECODE if any(ends) else PREFILL), tuple(ends)
+
+    def _take_started(self, layout: tuple) -> StartedRun | None:
+        if self._started is not None and self._started[0] == layout:
+            started, self._started = self._started[1], None
+            return started
+        self._cancel_started()
+        return None
+
+    def _cancel_started(self) -> None:
+        started, self._started = self._started, None
+        if started is not None:
+            started[1].cancel()
+
+    def _set_inputs(self, feed: dict[int, list[int]], logits: str, layout: tuple) -> None:
+        """Pack each micro-batch's tokens and upload them; micro-batches without tokens get None."""
+        ctx, io, n_micro = self.ctx, self.io, self.plan.n_micro
+        per_micro: list[list] = [[] for _ in range(n_micro)]
+        for row, ids in sorted(feed.items()):
+            m, local = self._micro_of(row)
+            per_micro[m].append((local, self._lengths[row], ids))
+        ctx.kv_load_end = list(layout[1])
+        ctx.ids, ctx.rows, ctx.logit_index, ctx.kv_save = [], [], [], []
+        ctx.hidden, ctx.logits, ctx.attn_inputs = {}, {}, {}
+        for m, entries in enumerate(per_micro):
+            if not entries:
+                ctx.ids.append(None), ctx.rows.append(None), ctx.logit_index.append(None)
+                ctx.kv_save.append((0, 0))
+                continue
+            tokens = [t for _, _, ids in entries for t in ids]
+            bucket = bucket_tokens(len(tokens))
+            rows = pack_rows([(local, start, len(ids)) for local, start, ids in entries], bucket,
+                             self._trash, micro_rows(self.plan, m))
+            ctx.ids.append(io.upload(torch.tensor([tokens + [0] * (bucket - len(tokens))])))
+            ctx.rows.append(rows.to(io.upload))
+            ctx.logit_index.append(io.upload(_logit_index(entries, logits)))
+            lo = min(start for _, start, _ in entries)
+            ctx.kv_save.append((lo, rows.end - lo))
+
+
+def _logit_index(entries: list, logits: str) -> torch.Tensor:
+    """Packed indices of the tokens whose logits are wanted: each row's last, or all real ones."""
+    ends = torch.tensor([len(ids) for _, _, ids in entries]).cumsum(0)
+    return ends - 1 if logits == "last" else torch.arange(int(ends[-1]))

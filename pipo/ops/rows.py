@@ -1,0 +1,154 @@
+"""Attention over per-row KV: the tokens of a step packed 1-D, each row with its own length.
+
+A step of a micro-batch carries ``T`` tokens (a bucket: the real tokens, then padding), packed
+one after another, grouped by row. Each token has a row (its micro-batch row), a position (the
+row's own 0..len-1 numbering: rope and learned positions use it) and a KV-write index (the cache
+slot it writes: its position, or the *trash* slot ``capacity - 1`` for padding, which attention
+never reads). Projections, MLPs and the head run on the packed ``[1, T, hidden]`` tensor without
+any padding; only attention lays the real tokens out per row, ``[R, t_max]`` (``R`` = rows in
+the step, ``t_max`` = most tokens of one row), against each row's own cache prefix, with a mask
+from the query positions: key slot ``j`` is visible to a query at position ``p`` iff ``j <= p``.
+
+KV cache layout as in :mod:`pipo.ops.layers`: ``[rows, n_kv_heads, capacity, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipo.io.spec import ModelSpec
+from pipo.ops.layers import _grouped_attention, _qkv, norm
+from pipo.ops.linear import linear
+from pipo.ops.rope import apply_rope
+from pipo.ops.traits import traits_for
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Where the packed tokens of one micro-batch's step go (index tensors, all int64).
+
+    ``positions`` [T] per token (padding: 0); ``kv_row`` / ``kv_slot`` [T] the cache row and slot
+    each token writes (padding: the trash slot); ``step_rows`` [R] the micro-batch rows in the step;
+    ``q_row`` / ``q_col`` [n] where each of the ``n`` real tokens sits in the ``[R, t_max]`` query
+    layout; ``query_pos`` [R, t_max] that layout's positions (unused places: 0); ``end`` the cache
+    prefix attention reads; ``all_rows`` when ``step_rows`` is every row in order (no gather).
+    """
+
+    positions: torch.Tensor
+    kv_row: torch.Tensor
+    kv_slot: torch.Tensor
+    step_rows: torch.Tensor
+    q_row: torch.Tensor
+    q_col: torch.Tensor
+    query_pos: torch.Tensor
+    end: int
+    all_rows: bool
+
+    @property
+    def n_real(self) -> int:
+        """Real (not padding) tokens."""
+        return self.q_row.shape[0]
+
+    def to(self, upload) -> PackedRows:
+        """The same layout with every tensor passed through ``upload`` (host -> device)."""
+        fields = {k: (upload(v) if isinstance(v, torch.Tensor) else v)
+                  for k, v in self.__dict__.items()}
+        return PackedRows(**fields)
+
+
+def pack_rows(feed: list[tuple[int, int, int]], bucket: int, trash: int, n_rows: int
+              ) -> PackedRows:
+    """The layout of ``feed`` = [(row, start, n_tokens), ...] (rows ascending, each row's tokens at
+    positions start..start+n-1), padded to ``bucket`` tokens; ``n_rows`` rows in the micro-batch."""
+    positions, kv_row, q_row, q_col = [], [], [], []
+    t_max = max(n for _, _, n in feed)
+    query_pos = torch.zeros(len(feed), t_max, dtype=torch.long)
+    for i, (row, start, n) in enumerate(feed):
+        positions += range(start, start + n)
+        kv_row += [row] * n
+        q_row += [i] * n
+        q_col += range(n)
+        query_pos[i, :n] = torch.arange(start, start + n)
+    n_pad = bucket - len(positions)
+    if n_pad < 0:
+        raise ValueError(f"{len(positions)} tokens do not fit a bucket of {bucket}")
+    slots = positions + [trash] * n_pad
+    rows = [r for r, _, _ in feed]
+    return PackedRows(
+        positions=torch.tensor(positions + [0] * n_pad, dtype=torch.long),
+        kv_row=torch.tensor(kv_row + [rows[0]] * n_pad, dtype=torch.long),
+        kv_slot=torch.tensor(slots, dtype=torch.long),
+        step_rows=torch.tensor(rows, dtype=torch.long),
+        q_row=torch.tensor(q_row, dtype=torch.long), q_col=torch.tensor(q_col, dtype=torch.long),
+        query_pos=query_pos, end=max(s + n for _, s, n in feed),
+        all_rows=rows == list(range(n_rows)))
+
+
+@dataclass(frozen=True)
+class RowAttentionInputs:
+    """What every attention block of one step shares (built once per step and micro-batch).
+
+    ``mask`` [R, 1, group*t_max, end] (query heads sharing a KV head folded into the query axis);
+    ``cos``/``sin`` [1, 1, T, head_dim] at the packed tokens' positions, ``None`` without rope.
+    """
+
+    rows: PackedRows
+    mask: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+
+def row_attention_inputs(rows: PackedRows, spec: ModelSpec, rope: Rope | None,
+                         dtype: torch.dtype) -> RowAttentionInputs:
+    """The :class:`RowAttentionInputs` of ``rows``."""
+    group = spec.n_heads // spec.n_kv_heads
+    r, t_max = rows.query_pos.shape
+    keys = torch.arange(rows.end, device=rows.query_pos.device)        # [end]
+    mask = keys[None, None, :] <= rows.query_pos[:, :, None]           # [R, t_max, end]
+    mask = mask.unsqueeze(1).expand(r, group, t_max, rows.end).reshape(r, 1, group * t_max, rows.end)
+    if rope is None or traits_for(spec).positions != "rope":
+        return RowAttentionInputs(rows, mask, None, None)
+    cos, sin = rope
+    c = cos[rows.positions][None, None].to(dtype)                      # [1, 1, T, head_dim]
+    s = sin[rows.positions][None, None].to(dtype)                      # [1, 1, T, head_dim]
+    return RowAttentionInputs(rows, mask, c, s)
+
+
+def row_attention_block(w: dict, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        prep: RowAttentionInputs, spec: ModelSpec) -> torch.Tensor:
+    """Pre-norm self-attention with residual over per-row caches: x [1, T, hidden] -> same.
+
+    Writes each token's key/value into ``k_cache``/``v_cache`` [rows, nkv, capacity, hd] at
+    (``kv_row``, ``kv_slot``), then each real token attends to its own row's slots up to its position.
+    Padding tokens get a zero attention output (their hidden states are never read).
+    """
+    _, t, _ = x.shape
+    rows = prep.rows
+    nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    h = norm(w, x, spec)                                               # [1, T, hidden]
+    q, k, v = _qkv(w, h, nh * hd, nkv * hd)                            # [1, T, nh*hd], 2 x [1, T, nkv*hd]
+    q = q.view(1, t, nh, hd).transpose(1, 2)                           # [1, nh, T, hd]
+    k = k.view(1, t, nkv, hd).transpose(1, 2)                          # [1, nkv, T, hd]
+    if prep.cos is not None:
+        q = apply_rope(q, prep.cos, prep.sin)                          # [1, nh, T, hd]
+        k = apply_rope(k, prep.cos, prep.sin)                          # [1, nkv, T, hd]
+    k_cache[rows.kv_row, :, rows.kv_slot] = k[0].transpose(0, 1)       # scatter [T, nkv, hd]
+    v_cache[rows.kv_row, :, rows.kv_slot] = v.view(t, nkv, hd)         # scatter [T, nkv, hd]
+    if rows.all_rows:
+        keys, values = k_cache[:, :, :rows.end], v_cache[:, :, :rows.end]  # [R, nkv, end, hd] views
+    else:
+        keys = k_cache[rows.step_rows, :, :rows.end]                   # [R, nkv, end, hd] gathered
+        values = v_cache[rows.step_rows, :, :rows.end]                 # [R, nkv, end, hd] gathered
+    r, t_max = rows.query_pos.shape
+    n = rows.n_real
+    queries = q.new_zeros(r, t_max, nh, hd)                            # [R, t_max, nh, hd]
+    queries[rows.q_row, rows.q_col] = q[0, :, :n].transpose(0, 1)      # real tokens in place
+    out = _grouped_attention(queries.transpose(1, 2), keys, values, prep.mask)  # [R, nh, t_max, hd]
+    packed = out.transpose(1, 2)[rows.q_row, rows.q_col]               # [n, nh, hd]
+    if n < t:
+        packed = torch.cat([packed, packed.new_zeros(t - n, nh, hd)])  # [T, nh, hd]
+    return x + linear(packed.reshape(1, t, nh * hd), w["wo"], w.get("bo"))  # [1, T, hidden]
