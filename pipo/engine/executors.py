@@ -52,7 +52,7 @@ def compute(task: Compute, ctx: StepContext) -> None:
         x = ctx.hidden[m]
         ctx.hidden[m] = layers.attention_block(
             w, x, k, v, ctx.start, ctx.positions[m], ctx.key_mask[m], ctx.spec, ctx.rope,
-            prepared=ctx.attention_inputs(m, x.dtype))
+            prepared=ctx.attention_inputs(m, k.dtype))  # the cache's dtype: x may be an fp32 residual
     elif part == "mlp":
         ctx.hidden[m] = layers.mlp_block(w, ctx.hidden[m], ctx.spec)
     else:

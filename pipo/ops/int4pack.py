@@ -66,11 +66,6 @@ class PackedInt4(PartsRecord):
         """Where the tensors live."""
         return self.packed.device
 
-    def to(self, device: str | torch.device, non_blocking: bool = False) -> PackedInt4:
-        """A new record with every tensor field on ``device``."""
-        moved = {n: t.to(device, non_blocking=non_blocking) for n, t in self.to_parts().items()}
-        return type(self).from_parts(moved, self.shape, self.group_size)
-
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PackedQ8(PackedInt4):

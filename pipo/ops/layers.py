@@ -89,7 +89,11 @@ def norm(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """Token (and, for learned-position families, position) embeddings: ids [b, t] -> x [b, t, hidden]."""
     t = traits_for(spec)
-    x = F.embedding(ids, w["tok"])                                     # [b, t, hidden]
+    tok = w["tok"]
+    if isinstance(tok, torch.Tensor):
+        x = F.embedding(ids, tok)                                      # [b, t, hidden]
+    else:
+        x = tok.rows(ids)                                              # [b, t, hidden] fp32 (a Q8 table)
     if t.positions == "learned":
         x = x + F.embedding(positions + t.position_offset, w["pos"])   # [b, t, hidden]
     return x
