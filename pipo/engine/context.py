@@ -35,6 +35,7 @@ class StepContext:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # per micro: [rows, t, hidden]
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # per micro: [rows, vocab]
     attn_inputs: dict[int, AttentionInputs] = field(default_factory=dict)  # per micro, this step
+    all_logits: bool = False  # the head at every position ([rows, t, vocab]; perplexity), not the last
 
     def attention_inputs(self, micro: int, dtype: torch.dtype) -> AttentionInputs:
         """Mask and rope angles of micro-batch ``micro`` for this step, built on first use."""

@@ -56,4 +56,5 @@ def compute(task: Compute, ctx: StepContext) -> None:
     elif part == "mlp":
         ctx.hidden[m] = layers.mlp_block(w, ctx.hidden[m], ctx.spec)
     else:
-        ctx.logits[m] = layers.head(w, ctx.hidden[m][:, -1], ctx.spec)
+        x = ctx.hidden[m] if ctx.all_logits else ctx.hidden[m][:, -1]  # [rows, (t,) hidden]
+        ctx.logits[m] = layers.head(w, x, ctx.spec)
