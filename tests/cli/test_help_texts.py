@@ -25,7 +25,8 @@ def expanded_help(parser: argparse.ArgumentParser, action: argparse.Action) -> s
 
 
 def test_every_subcommand_is_walked():
-    assert set(subcommands()) == {"generate", "info", "graph", "convert", "verify", "bench"}
+    assert set(subcommands()) == {"generate", "perplexity", "info", "graph", "convert", "verify",
+                                  "bench"}
 
 
 @pytest.mark.parametrize("name", sorted(subcommands()))
