@@ -135,9 +135,13 @@ def packed_linear(x: torch.Tensor, p: PackedInt4, bias: torch.Tensor | None = No
         x2 = torch.cat([x2, x2], dim=1)  # [rows, 2 in]: the hi and lo halves of a Q8 matrix
     elif p.k != in_f:
         x2 = F.pad(x2, (0, p.k - in_f))  # [rows, k]: only for in not a multiple of 32
-    y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), p.packed, p.group_size, p.scales_zeros)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch._weight_int4pack_mm_for_cpu(x2, p.packed, p.group_size, p.scales_zeros)
     if y.shape[1] != out_f:
         y = y[:, :out_f]  # [rows, out]: drop the padding rows of the weight
     if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(x.dtype).view(*x.shape[:-1], out_f)  # [..., out]
+        y = y + bias
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], out_f)  # [..., out]
