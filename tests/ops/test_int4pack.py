@@ -89,8 +89,8 @@ def test_q8_as_two_exact_halves(out_f, in_f, rows):
     p = pack_q8(q8)
     assert isinstance(p, PackedQ8) and p.k == 2 * in_f
     x = torch.randn(rows, in_f)
-    y = packed_linear(x, p)  # fp32 in, fp32 out (cast inside)
-    assert y.dtype == torch.float32 and y.shape == (rows, out_f)
+    y = packed_linear(x, p)  # fp32 in (cast inside), bf16 out
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_f)
     _check_product(y, x, q8.dequantize().double())  # scales exact in bf16: the very Q8 values
 
 
