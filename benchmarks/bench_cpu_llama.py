@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-llama", action="store_true", help="pipo only")
+    p.add_argument("--pipo", nargs="+", default=["pipo 4-bit:", "pipo dense:dtype=float32"],
+                   metavar="NAME:OPTS", help="pipo systems: a name and EngineOptions fields "
+                   "(key=value,...), e.g. 'pipo int4:weights=int4' (default: %(default)s)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -169,21 +172,21 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    four = PipoSystem("pipo 4-bit")
-    dense = PipoSystem("pipo dense", dtype="float32")
-    tok = four.engine.tokenizer
+    pipos = [PipoSystem(name, **_options(opts)) for name, opts in
+             (spec.split(":", 1) for spec in args.pipo)]
+    tok = pipos[0].engine.tokenizer
     prompt = tok.encode(cpu.PROMPTS[0])
-    prompts8 = cpu.encode(four.engine, 8)
+    prompts8 = cpu.encode(pipos[0].engine, 8)
     with open(TEXT, encoding="utf-8") as f:
         long_prompt = tok.encode(f.read())[:args.prefill_len]
-    systems = [four, dense]
+    systems = list(pipos)
     if not args.skip_llama and llama_cpp.available():
         systems.append(LlamaSystem(threads, 2 * args.prefill_len))
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "threads": threads, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
               "gen_len": args.gen_len, "prefill_len": args.prefill_len,
-              "ops_per_step": {s.name: ops_per_step(s, prompt) for s in (four, dense)},
-              "tokens": {s.name: s.tokens(prompt, 24) for s in (four, dense)},
+              "ops_per_step": {s.name: ops_per_step(s, prompt) for s in pipos},
+              "tokens": {s.name: s.tokens(prompt, 24) for s in pipos},
               "results": measure(systems, prompt, prompts8, long_prompt, args)}
     for s in systems:
         s.close()
@@ -192,6 +195,11 @@ def main(argv=None) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
     return 0
+
+
+def _options(text: str) -> dict:
+    """``"dtype=float32,weights=int4"`` -> EngineOptions keyword arguments."""
+    return dict(item.split("=", 1) for item in text.split(",") if item)
 
 
 def print_table(result: dict) -> None:

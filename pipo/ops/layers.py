@@ -235,6 +235,7 @@ def mlp_block(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 
 
 def head(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """Final norm and LM head of the last hidden state: x [b, hidden] -> logits [b, vocab] fp32."""
-    h = norm(w, x, spec)                                               # [b, hidden]
-    return linear(h, w["w_out"]).float()                               # [b, vocab]
+    """Final norm and LM head: x [b, (t,) hidden] (the last hidden state, or every position for
+    perplexity) -> logits [b, (t,) vocab] fp32."""
+    h = norm(w, x, spec)                                               # [b, (t,) hidden]
+    return linear(h, w["w_out"]).float()                               # [b, (t,) vocab]
