@@ -83,8 +83,8 @@ def _pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape:
         codes = F.pad(codes, (0, 0, 0, pad), value=ZERO_OFFSET)
         scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
     packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1)  # [G, n_padded, 2]
-    return kind(packed, scales_zeros.to(COMPUTE_DTYPE).contiguous(), shape, group_size)
+    scales_zeros = torch.stack([scales, zeros], dim=-1).to(COMPUTE_DTYPE)  # [n_padded, G, 2]
+    return kind(packed, scales_zeros.transpose(0, 1).contiguous(), shape, group_size)  # [G, n_padded, 2]
 
 
 def _kernel_group(q: QuantTensor) -> int:
@@ -111,10 +111,10 @@ def pack_quant(q: QuantTensor) -> PackedInt4:
 
 def pack_q8(q8) -> PackedQ8:
     """A :class:`~pipo.io.q8.Q8Tensor` as two exact 4-bit halves along K (see the module doc)."""
-    codes = q8.codes.to(torch.int32)  # [N, K] in -128..127
-    hi, lo = codes >> 4, codes & 15  # q8 = 16 * hi + lo; hi in -8..7, lo in 0..15
+    codes = q8.codes  # int8 [N, K] in -128..127; the halves are made in int8, one int32 copy
+    hi, lo = (codes >> 4) + ZERO_OFFSET, codes & 15  # q8 = 16 * (hi - 8) + lo; both in 0..15
     d = q8.scales.float()  # [N, K / 32]
-    both = torch.cat([hi + ZERO_OFFSET, lo], dim=1)  # [N, 2K]
+    both = torch.cat([hi, lo], dim=1)  # int8 [N, 2K]
     scales = torch.cat([16 * d, d], dim=1)  # [N, 2K / 32]
     zeros = torch.cat([torch.zeros_like(d), ZERO_OFFSET * d], dim=1)
     return _pack(both, scales, zeros, q8.shape, q8.group_size, PackedQ8)
