@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     systems = list(pipos)
     if not args.skip_llama and llama_cpp.available():
         systems.append(LlamaSystem(threads, 2 * args.prefill_len))
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "threads": threads, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
               "gen_len": args.gen_len, "prefill_len": args.prefill_len,
               "ops_per_step": {s.name: ops_per_step(s, prompt) for s in pipos},

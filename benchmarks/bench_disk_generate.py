@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_disk import drop_page_cache, raw_direct_gbps  # noqa: E402
+from bench_disk import drop_page_cache, raw_direct_gbps
 
-from pipo.bench import cpu  # noqa: E402
+from pipo.bench import cpu
 
 
 def main(argv=None) -> dict:

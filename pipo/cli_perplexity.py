@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipo.cli_options import add_engine_options, add_model_option, check, open_engine, positive_int, set_threads
+from pipo.cli_options import (
+    add_engine_options,
+    add_model_option,
+    check,
+    open_engine,
+    positive_int,
+    set_threads,
+)
 from pipo.engine.perplexity import DEFAULT_STRIDE, DEFAULT_WINDOW, perplexity
 
 
