@@ -1,5 +1,5 @@
-"""The ``pipo`` command: ``generate``, ``serve``, ``info``, ``graph``, ``convert``, ``verify``,
-``probe``, ``plan``, ``bench``.
+"""The ``pipo`` command: ``generate``, ``serve``, ``perplexity``, ``info``, ``graph``, ``convert``,
+``verify``, ``probe``, ``plan``, ``bench``.
 
 Every user error (a :class:`~pipo.errors.PipoError`) prints one line ``pipo: error: ...`` and exits
 with status 2; no traceback. Subcommands live in small modules, each with ``add_parser`` and
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from pipo import __version__
     from pipo.cli_generate import add_generate
+    from pipo.cli_perplexity import add_perplexity
     from pipo.cli_plan import add_plan, add_probe
     from pipo.cli_serve import add_serve
     from pipo.cli_tools import add_convert, add_graph, add_info, add_verify
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
     add_serve(sub)
+    add_perplexity(sub)
     add_info(sub)
     add_graph(sub)
     add_convert(sub)

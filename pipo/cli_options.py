@@ -42,10 +42,13 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu",
                    help="compute device: cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on cpu, float16 on cuda)")
+                   help="compute dtype; on cpu, giving one computes on dense weights (default: "
+                        "float16 on cuda; on cpu bfloat16 on the 4-bit path, else float32)")
     g.add_argument("--weights", default="auto", choices=["auto", "int4"],
-                   help="auto: compute on dense weights in --dtype; int4: keep 4-bit checkpoints "
-                        "4-bit and quantize dense ones to 4 bits (default: %(default)s)")
+                   help="auto: compute on dense weights in --dtype, except on a 4-bit GGUF on cpu "
+                        "without --dtype and on a 4-bit store, which compute on their 4-bit "
+                        "weights; int4: keep 4-bit checkpoints 4-bit and quantize dense ones to 4 "
+                        "bits (default: %(default)s)")
     g.add_argument("--group-size", type=int, default=64, metavar="N", help=GROUP_SIZE_HELP)
     g.add_argument("--device-memory", type=parse_size, default=None, metavar="SIZE",
                    help="bytes of device memory for resident weights, weight slots and device KV, "

@@ -1,7 +1,11 @@
-"""pipo against transformers on the CPU, on the default real model (``pipo bench --device cpu``).
+"""pipo against transformers and llama.cpp on the CPU, on the default real model (``pipo bench
+--device cpu``).
 
-Both run SmolLM2-135M-Instruct with the *same* weights: pipo reads the GGUF and dequantizes it to
-fp32, transformers loads the same file with ``gguf_file=`` (also dequantized, fp32). Same prompts
+All run SmolLM2-135M-Instruct with the *same* weights: pipo's default CPU path computes on the
+GGUF's 4-bit blocks (torch's int4 kernel, Q8_0 head), transformers loads the same file with
+``gguf_file=`` (dequantized, fp32), llama.cpp (llama-cpp-python, when installed: the ``llama``
+extra) runs the GGUF itself, one prompt after another (its Python API decodes one sequence at a
+time, so at batch > 1 its row is the prompts in turn). Same prompts
 (pipo's tokenizer; left padding and the mask built once, used by both), greedy, exactly ``gen_len``
 new tokens per row (eos ignored: pipo through a spec without eos ids, transformers through
 ``min_new_tokens``). Each side is warmed up once, then the two alternate ``repeats`` times and the
@@ -47,7 +51,7 @@ class _NoEos:
 
 
 def open_pipo(schedule: str = "pipo", trace: bool = False):
-    """The pipo engine on the default model (CPU, fp32, everything resident)."""
+    """The pipo engine on the default model (CPU, its default path, everything resident)."""
     from pipo.engine import Engine, EngineOptions
     from pipo.io.source import open_model
 
@@ -102,8 +106,28 @@ def _summary(runs: list[dict], batch: int, gen_len: int) -> dict[str, Any]:
             "decode_s": statistics.median(r["decode_s"] for r in runs)}
 
 
-def compare_batch(engine, model, batch: int, gen_len: int, repeats: int) -> dict[str, Any]:
-    """pipo and transformers alternated ``repeats`` times on one batch size; medians and ratio."""
+def open_llama():
+    """llama.cpp on the default GGUF with torch's thread count, or ``None`` when not installed."""
+    from pipo.bench import llama_cpp
+    from pipo.io.default_model import default_model_path
+
+    if not llama_cpp.available():
+        return None
+    return llama_cpp.load(default_model_path(), n_threads=torch.get_num_threads(), n_ctx=1024)
+
+
+def _llama_side(llm, prompts: list[list[int]], gen_len: int, repeats: int) -> dict[str, Any]:
+    """llama.cpp's summary on the same prompts (a warm-up, then ``repeats`` runs)."""
+    from pipo.bench import llama_cpp
+
+    llama_cpp.sequential_timed(llm, prompts[:1], 4)
+    runs = [llama_cpp.sequential_timed(llm, prompts, gen_len) for _ in range(repeats)]
+    return _summary(runs, len(prompts), gen_len)
+
+
+def compare_batch(engine, model, batch: int, gen_len: int, repeats: int, llm=None) -> dict[str, Any]:
+    """pipo and transformers alternated ``repeats`` times on one batch size; medians and ratio.
+    With ``llm`` (llama.cpp), its runs follow on the same prompts, and its ratio too."""
     prompts = encode(engine, batch)
     eos_id = engine.source.dropped_eos_ids[0]
     pad_id = engine.spec.pad_id if engine.spec.pad_id is not None else eos_id
@@ -116,10 +140,14 @@ def compare_batch(engine, model, batch: int, gen_len: int, repeats: int) -> dict
     same = sum(_until(p, eos_id) == h[:len(_until(p, eos_id))]
                for p, h in zip(pipo_runs[0]["tokens"], hf_runs[0]["tokens"]))
     pipo, hf = _summary(pipo_runs, batch, gen_len), _summary(hf_runs, batch, gen_len)
-    return {"batch": batch, "gen_len": gen_len, "repeats": repeats, "pipo": pipo,
-            "transformers": hf, "ratio": pipo["tok_s"] / hf["tok_s"],
-            "rows_equal_until_eos": f"{same}/{batch}",
-            "tokens_per_row": [len(t) for t in pipo_runs[0]["tokens"]]}
+    row = {"batch": batch, "gen_len": gen_len, "repeats": repeats, "pipo": pipo,
+           "transformers": hf, "ratio": pipo["tok_s"] / hf["tok_s"],
+           "rows_equal_until_eos": f"{same}/{batch}",
+           "tokens_per_row": [len(t) for t in pipo_runs[0]["tokens"]]}
+    if llm is not None:
+        row["llama.cpp"] = _llama_side(llm, prompts, gen_len, repeats)
+        row["ratio_llama"] = pipo["tok_s"] / row["llama.cpp"]["tok_s"]
+    return row
 
 
 def run_smollm(batches=(1, 8), gen_len: int = 64, repeats: int = 3,
@@ -127,22 +155,29 @@ def run_smollm(batches=(1, 8), gen_len: int = 64, repeats: int = 3,
     """The whole CPU comparison: one entry per batch size."""
     from pipo.io.default_model import default_model_path
 
-    engine = open_pipo(schedule)
+    engine, llm = open_pipo(schedule), open_llama()
     try:
         model = open_transformers(default_model_path())
-        rows = [compare_batch(engine, model, b, gen_len, repeats) for b in batches]
+        rows = [compare_batch(engine, model, b, gen_len, repeats, llm) for b in batches]
     finally:
         engine.close()
-    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)",
+        if llm is not None:
+            llm.close()
+    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF; pipo " + engine.options.weights
+                     + ", transformers dequantized fp32)",
+            "llama.cpp": "llama-cpp-python" if llm is not None else "not installed: pip install -e .[llama]",
             "schedule": schedule, "torch_threads": torch.get_num_threads(), "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The comparison as a Markdown table."""
     lines = ["| batch | new tokens | pipo tok/s | transformers tok/s | pipo / transformers "
-             "| rows equal until eos |", "|---|---|---|---|---|---|"]
+             "| rows equal until eos | llama.cpp tok/s | pipo / llama.cpp |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        llama = (f"{r['llama.cpp']['tok_s']:.1f} | {r['ratio_llama']:.2f}x" if "llama.cpp" in r
+                 else f"{result.get('llama.cpp', '-')} | -")
         lines.append(f"| {r['batch']} | {r['gen_len']} | {r['pipo']['tok_s']:.1f} | "
                      f"{r['transformers']['tok_s']:.1f} | {r['ratio']:.2f}x | "
-                     f"{r['rows_equal_until_eos']} |")
+                     f"{r['rows_equal_until_eos']} | {llama} |")
     return "\n".join(lines)

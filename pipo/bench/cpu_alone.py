@@ -28,7 +28,7 @@ def run_pipo_alone(batches, gen_len: int, repeats: int, schedule: str,
                          "pipo": cpu._summary(runs, batch, gen_len), "transformers": why})
     finally:
         engine.close()
-    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)",
+    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF; pipo " + engine.options.weights + ")",
             "schedule": schedule, "torch_threads": torch.get_num_threads(), "rows": rows}
 
 

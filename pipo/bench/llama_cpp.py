@@ -51,6 +51,24 @@ def generate_timed(llm: Any, prompt: str, n_tokens: int, on_first=None) -> dict[
     return {"first_token_s": first_s, "decode_s": total_s - first_s, "n_tokens": count}
 
 
+def sequential_timed(llm: Any, prompts: list[list[int]], n_tokens: int) -> dict[str, float]:
+    """Greedy ``n_tokens`` after each token-id prompt, one prompt after another (the Python API
+    runs one sequence at a time), never stopping at eos: ``wall_s`` of all, and the summed
+    ``prefill_s`` (prompt + first token) and ``decode_s`` (the rest)."""
+    prefill_s = decode_s = 0.0
+    start = time.perf_counter()
+    for prompt in prompts:
+        t0 = first = time.perf_counter()
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+            if i == 0:
+                first = time.perf_counter()
+            if i + 1 == n_tokens:
+                break
+        prefill_s += first - t0
+        decode_s += time.perf_counter() - first
+    return {"wall_s": time.perf_counter() - start, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
 def first_token_in_subprocess(model_path: str, prompt: str, *, timeout_s: float = 300) -> dict[str, float]:
     """Spawn a fresh Python that loads the model and makes one token; ``wall_s`` is spawn -> first
     token on its stdout, the others (``import_s``, ``load_s``, ``first_token_s``) its own timings."""

@@ -2,7 +2,8 @@
 
 Streaming a block is then a single copy (host buffer -> slot buffer; on CUDA one pinned H2D copy),
 whatever number of tensors it has. A :class:`BlockLayout` records where each tensor lives in the
-buffer; int4 weights (``QuantTensor``) are stored as their parts and rebuilt as views.
+buffer; quantized records (``QuantTensor``, ``Q8Tensor``, ``PackedInt4``) are stored as their parts
+and rebuilt as views of the same kind.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class QuantMeta:
     shape: tuple[int, int]
     group_size: int
     parts: tuple[str, ...]
+    kind: type  # the record class (QuantTensor, Q8Tensor, PackedInt4, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,7 @@ def _flatten(tensors: dict) -> tuple[list[tuple[str, torch.Tensor]], list[QuantM
             flat.append((name, value))
             continue
         parts = value.to_parts()
-        quant.append(QuantMeta(name, tuple(value.shape), value.group_size, tuple(parts)))
+        quant.append(QuantMeta(name, tuple(value.shape), value.group_size, tuple(parts), type(value)))
         flat += [(f"{name}.{part}", t) for part, t in parts.items()]
     return flat, quant
 
@@ -82,10 +84,8 @@ def views(buffer: torch.Tensor, layout: BlockLayout) -> dict:
     for e in layout.entries:
         out[e.name] = buffer[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
     for q in layout.quant:
-        from pipo.ops.quant import QuantTensor
-
         parts = {p: out.pop(f"{q.name}.{p}") for p in q.parts}
-        out[q.name] = QuantTensor.from_parts(parts, q.shape, q.group_size)
+        out[q.name] = q.kind.from_parts(parts, q.shape, q.group_size)
     return out
 
 

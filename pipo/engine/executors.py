@@ -54,7 +54,8 @@ def compute(task: Compute, ctx: StepContext) -> None:
         ctx.hidden[m] = layers.embed(w, ctx.ids[m], ctx.rows[m].positions[None], ctx.spec)
     elif part == "attn":
         x = ctx.hidden[m]
-        ctx.hidden[m] = row_attention_block(w, x, k, v, ctx.attention_inputs(m, x.dtype), ctx.spec)
+        prep = ctx.attention_inputs(m, k.dtype)  # the cache's dtype: x may be an fp32 residual
+        ctx.hidden[m] = row_attention_block(w, x, k, v, prep, ctx.spec)
     elif part == "mlp":
         ctx.hidden[m] = layers.mlp_block(w, ctx.hidden[m], ctx.spec)
     else:

@@ -96,10 +96,16 @@ class EngineOptions:
         return device
 
     def torch_dtype(self) -> torch.dtype:
-        """Compute dtype: as asked, else float32 on CPU and float16 on CUDA."""
+        """Compute dtype: as asked, else float16 on CUDA, bfloat16 for int4 weights on the CPU (what
+        torch's CPU int4 kernel computes in; the residual stream stays fp32) and float32 otherwise."""
         if self.dtype is not None:
             return DTYPES[self.dtype]
-        return torch.float16 if self.torch_device().type == "cuda" else torch.float32
+        if self.torch_device().type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if self.weights == "int4" else torch.float32
+
+    def _on_cpu(self) -> bool:
+        return str(self.device).split(":")[0] == "cpu"
 
     def stage_disk_reads(self) -> bool:
         """Disk reads go through host staging buffers: always on CUDA (pinned), else if asked."""
@@ -111,8 +117,12 @@ class EngineOptions:
 
     def for_source(self, source) -> EngineOptions:
         """These options with ``weights="auto"`` resolved to the source's own format: an offload store
-        holding int4 weights computes on them, with its smallest group (when a valid ``group_size``)."""
+        holding int4 weights computes on them, with its smallest group (when a valid ``group_size``);
+        so does a GGUF file whose layers are 4-bit, on the CPU when no ``dtype`` is asked for (the
+        4-bit path is the faster one there; ``--dtype`` forces dense compute)."""
         group = getattr(source, "int4_group_size", None)
+        if group is None and self.dtype is None and self._on_cpu():
+            group = getattr(source, "kept_int4_group", None)
         if self.weights != "auto" or group is None:
             return self
         return replace(self, weights="int4",

@@ -20,7 +20,7 @@ import torch
 from pipo.engine.blocks import BlockLayout, pack, rebase, views
 from pipo.io.aligned import ALIGN_NBYTES as DISK_ALIGN_NBYTES
 from pipo.io.q8 import Q8Tensor, to_dense
-from pipo.ops import int4_dispatch
+from pipo.ops import int4_dispatch, int4pack
 from pipo.ops.layers import fuse_projections
 from pipo.ops.quant import QuantTensor, quantize
 from pipo.plan import DISK, HOST, RESIDENT, Plan, estimate_block_nbytes
@@ -28,38 +28,62 @@ from pipo.runtime import memory
 from pipo.runtime.memory import HostArena, PinRegistrar
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+Q8_KEPT = ("tok", "w_out")  # Q8_0 embedding and head stay 8-bit on the CPU 4-bit path
+FP32_KEPT = ("norm_w", "norm_b")  # the CPU 4-bit path normalizes the fp32 residual stream in fp32
 
 
-def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
+def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None,
+                  cpu_packed: bool = False) -> dict:
     """A block as computed on: with ``int4_group``, int4 weights stay int4 (GGUF Q4_0/Q4_1 blocks as
     they are; never re-quantized) and the dense linear weights are quantized to ``int4_group``; without
     it, int4 weights are dequantized to ``dtype`` (dense compute). Then :func:`_converted`, and the q/k/v
     and gate/up matrices fused (see ``pipo.ops.layers.fuse_projections``).
 
-    Embeddings and the LM head stay dense: they are gathers or a single large product whose accuracy
-    matters most.
+    ``cpu_packed`` (int4 on a CPU): every int4 matrix is repacked once here into torch's CPU int4
+    layout (:mod:`pipo.ops.int4pack`), a Q8_0 head too (two exact 4-bit halves), a Q8_0 embedding
+    stays Q8 (row lookup); norm weights stay fp32, so the residual stream between blocks stays fp32.
+    Otherwise embeddings and the LM head are dense.
     """
-    block = fuse_projections(_converted(tensors, dtype, int4_group))  # int4 parts fuse cheaply
+    block = fuse_projections(_converted(tensors, dtype, int4_group, cpu_packed))  # int4 parts fuse cheaply
+    if cpu_packed:
+        return {k: _packed(k, v) for k, v in block.items()}
     if not int4_group:  # dequantize the fused matrices (no dense concatenation), fuse what is left
         block = fuse_projections({k: to_dense(v, dtype) if isinstance(v, QuantTensor) else v
                                   for k, v in block.items()})
     return block
 
 
-def _converted(tensors: dict, dtype: torch.dtype, int4_group: int | None) -> dict:
+def _packed(name: str, value):
+    """An int4 matrix, or a Q8 head, in torch's CPU int4 layout; anything else (a Q8 embedding
+    table included) unchanged."""
+    if isinstance(value, QuantTensor):
+        return int4pack.pack_quant(value)
+    if isinstance(value, Q8Tensor) and name == "w_out":
+        return int4pack.pack_q8(value)
+    return value
+
+
+def _converted(tensors: dict, dtype: torch.dtype, int4_group: int | None,
+               cpu_packed: bool = False) -> dict:
     """``tensors`` cast (and maybe quantized) without fusing: disk blocks stay views of a slot.
 
     int4 records stay as they are; Q8_0 records (kept GGUF embeddings and heads) are dequantized to
-    ``dtype``, or quantized to int4 with ``int4_group`` where they are linear weights.
+    ``dtype``, or quantized to int4 with ``int4_group`` where they are linear weights. With
+    ``cpu_packed`` a Q8_0 embedding or head stays Q8 and norm weights stay fp32.
     """
     out = {}
     for name, value in tensors.items():
         if isinstance(value, Q8Tensor):
+            if cpu_packed and name in Q8_KEPT:
+                out[name] = value
+                continue
             value = to_dense(value)
         if not isinstance(value, torch.Tensor):
             out[name] = value
         elif int4_group and name in QUANTIZABLE:
             out[name] = quantize(value.float(), group_size=int4_group)
+        elif cpu_packed and name in FP32_KEPT:
+            out[name] = value.float()
         else:
             out[name] = value.to(dtype) if value.is_floating_point() else value
     return out
@@ -76,6 +100,8 @@ class PlacedWeights:
                  int4_group: int | None = None, registrar: PinRegistrar | None = None):
         self.source, self.plan, self.device, self.dtype = source, plan, device, dtype
         self.int4_group = int4_group
+        # torch's CPU int4 layout computes in bf16; int4 with fp32 compute keeps the exact numba path
+        self.cpu_packed = bool(int4_group) and device.type == "cpu" and dtype == torch.bfloat16
         self.resident: dict[str, dict] = {}
         self.host: dict[str, tuple[torch.Tensor, BlockLayout]] = {}
         self.layouts: dict[str, BlockLayout] = {}
@@ -116,7 +142,8 @@ class PlacedWeights:
     def _place(self, block: str, tier: str) -> None:
         if tier == DISK:
             return  # read per step by load_from_disk
-        tensors = prepare_block(self.source.read_block(block), self.dtype, self.int4_group)
+        tensors = prepare_block(self.source.read_block(block), self.dtype, self.int4_group,
+                                self.cpu_packed)
         if not self.holds_int4 and any(not isinstance(v, torch.Tensor) for v in tensors.values()):
             self._use_int4()
         if tier == RESIDENT:
@@ -191,12 +218,18 @@ class PlacedWeights:
         target = self.slots[slot][:nbytes]
         target.copy_(source[:nbytes], non_blocking=True)
         tensors = rebase(self.staging_views[staging], source, target)
-        self._fill(slot, block, _converted(tensors, self.dtype, None))
+        self._fill(slot, block, self._streamed(tensors))
 
     async def load_from_disk(self, block: str, slot: int) -> None:
         """Read ``block`` from the offload store straight into weight ``slot``."""
         tensors = await self.source.read_block_into(block, self.slots[slot])
-        self._fill(slot, block, _converted(tensors, self.dtype, None))
+        self._fill(slot, block, self._streamed(tensors))
+
+    def _streamed(self, tensors: dict) -> dict:
+        """A block read from the store as computed on: cast, and on the CPU 4-bit path repacked
+        into torch's int4 layout (new memory; the slot is free again once this returns)."""
+        converted = _converted(tensors, self.dtype, None, self.cpu_packed)
+        return {k: _packed(k, v) for k, v in converted.items()} if self.cpu_packed else converted
 
     def _fill(self, slot: int, block: str, tensors: dict) -> None:
         self.slot_views[slot], self.slot_holds[slot] = tensors, block

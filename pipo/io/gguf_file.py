@@ -30,7 +30,7 @@ from pipo.errors import ModelFormatError
 from pipo.io.gguf_parse import GGUFTensorInfo, parse_gguf
 from pipo.io.progress import LoadProgress
 from pipo.io.q8 import from_gguf_q8_0, to_dense
-from pipo.io.spec import ModelSpec, compile_name_rules, match_name_rules
+from pipo.io.spec import ModelSpec, block_layer, compile_name_rules, match_name_rules
 from pipo.io.tokenizer import Tokenizer, tokenizer_from_gguf
 from pipo.ops import quant
 from pipo.ops.traits import complete_layout
@@ -156,6 +156,17 @@ class GGUFFile:
         if tensor.type_name == "F16" or len(tensor.shape) == 2:
             return tensor.type_name
         return None
+
+    @property
+    def kept_int4_group(self) -> int | None:
+        """32 when the layers' linear weights come back as 4-bit records (Q4_0 / Q4_1 kept),
+        else ``None``: what an engine's default ``weights="auto"`` may compute on."""
+        if not self.keep_quant:
+            return None
+        layers = [t for block, tensors in self._layout.items() if block_layer(block) is not None
+                  for t in tensors.values() if len(t.shape) == 2]
+        int4 = bool(layers) and all(t.type_name in ("Q4_0", "Q4_1") for t in layers)
+        return quant.GGUF_BLOCK if int4 else None
 
     def block_nbytes(self, block: str, keep_quant: bool | None = None) -> int:
         """Bytes :meth:`read_block` returns: 4 per value, or the kept record's bytes."""

@@ -2,8 +2,9 @@
 
 A Q8_0 block is an fp16 scale ``d`` and 32 int8 codes; the value is ``q * d``. The product of an
 8-bit code and an 11-bit fp16 mantissa is exact in fp32, so :meth:`Q8Tensor.dequantize` gives the very
-values ``gguf.quants`` does, whatever the order of operations. Nothing computes on Q8Tensors yet:
-placement dequantizes them; the records only keep embeddings (and heads) small on disk and in RAM.
+values ``gguf.quants`` does, whatever the order of operations. Dense placement dequantizes them;
+the CPU 4-bit path keeps them: an embedding is a row lookup (:meth:`Q8Tensor.rows`) and a head is
+multiplied with torch's int4 kernel as two exact 4-bit halves (``pipo.ops.int4pack.pack_q8``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class Q8Tensor(PartsRecord):
         values = self.codes.numpy().reshape(out_f, in_f // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
         values *= self.scales.numpy().astype(np.float32)[..., None]  # numpy: see quant.dequantize
         return torch.from_numpy(values).view(out_f, in_f).to(dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) dequantized to fp32: ``[*ids.shape, in]`` (an embedding lookup
+        that reads only the rows asked for; exact, as :meth:`dequantize`)."""
+        in_f = self.shape[1]
+        codes = self.codes[ids].view(*ids.shape, in_f // Q8_BLOCK, Q8_BLOCK)  # int8 [..., G, 32]
+        scales = self.scales[ids].unsqueeze(-1).float()  # [..., G, 1]
+        return (codes * scales).view(*ids.shape, in_f)  # fp32 [..., in]
 
 
 def from_gguf_q8_0(raw: np.ndarray, shape: tuple[int, int]) -> Q8Tensor:

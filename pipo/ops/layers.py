@@ -89,7 +89,11 @@ def norm(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """Token (and, for learned-position families, position) embeddings: ids [b, t] -> x [b, t, hidden]."""
     t = traits_for(spec)
-    x = F.embedding(ids, w["tok"])                                     # [b, t, hidden]
+    tok = w["tok"]
+    if isinstance(tok, torch.Tensor):
+        x = F.embedding(ids, tok)                                      # [b, t, hidden]
+    else:
+        x = tok.rows(ids)                                              # [b, t, hidden] fp32 (a Q8 table)
     if t.positions == "learned":
         x = x + F.embedding(positions + t.position_offset, w["pos"])   # [b, t, hidden]
     return x
@@ -126,13 +130,7 @@ def attention_block(w: dict, x: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     prep = prepared or attention_inputs(key_mask, start, t, positions, spec, rope, x.dtype)
     h = norm(w, x, spec)                                               # [b, t, hidden]
-    q, k, v = _qkv(w, h, nh * hd, nkv * hd)                            # [b, t, nh*hd], 2 x [b, t, nkv*hd]
-    q = q.view(b, t, nh, hd).transpose(1, 2)                           # [b, nh, t, hd]
-    k = k.view(b, t, nkv, hd).transpose(1, 2)                          # [b, nkv, t, hd]
-    v = v.view(b, t, nkv, hd).transpose(1, 2)                          # [b, nkv, t, hd]
-    if prep.cos is not None:
-        q = apply_rope(q, prep.cos, prep.sin)                          # [b, nh, t, hd]
-        k = apply_rope(k, prep.cos, prep.sin)                          # [b, nkv, t, hd]
+    q, k, v = _rotated_heads(w, h, prep, nh, nkv, hd)                  # [b, nh|nkv, t, hd]
     end = start + t
     k_cache[:, :, start:end] = k                                       # cache [b, nkv, capacity, hd]
     v_cache[:, :, start:end] = v                                       # cache [b, nkv, capacity, hd]
@@ -179,12 +177,28 @@ def concat_rows(matrices: list) -> object | None:
     return QuantTensor.from_parts(parts, (rows, matrices[0].shape[1]), matrices[0].group_size)
 
 
-def _qkv(w: dict, h: torch.Tensor, q_out: int, kv_out: int) -> tuple[torch.Tensor, ...]:
-    """The q, k, v projections of h [b, t, hidden], from one fused matrix when the block has it."""
+def _rotated_heads(w: dict, h: torch.Tensor, prep: AttentionInputs, nh: int, nkv: int,
+                   hd: int) -> tuple[torch.Tensor, ...]:
+    """q, k (rope applied) and v of h [b, t, hidden] as [b, heads, t, hd] views.
+
+    With one fused ``wqkv`` the q and k heads are rotated together, in one pass over the product's
+    [b, t, nh + nkv, hd] slice (the same elementwise math as rotating each, in half the ops).
+    """
+    b, t, _ = h.shape
+    cos = sin = None
+    if prep.cos is not None:
+        cos, sin = prep.cos.transpose(1, 2), prep.sin.transpose(1, 2)  # [b, t, 1, hd]
     if "wqkv" in w:
-        qkv = linear(h, w["wqkv"], w.get("bqkv"))                      # [b, t, q_out + 2*kv_out]
-        return qkv.split([q_out, kv_out, kv_out], dim=-1)
-    return tuple(linear(h, w[f"w{n}"], w.get(f"b{n}")) for n in "qkv")
+        heads = linear(h, w["wqkv"], w.get("bqkv")).view(b, t, nh + 2 * nkv, hd)  # [b, t, heads, hd]
+        qk, v = heads[:, :, :nh + nkv], heads[:, :, nh + nkv:]           # [b, t, nh+nkv | nkv, hd]
+        if cos is not None:
+            qk = apply_rope(qk, cos, sin)                                # [b, t, nh+nkv, hd]
+        q, k = qk[:, :, :nh], qk[:, :, nh:]                              # [b, t, nh | nkv, hd]
+    else:
+        q, k, v = (linear(h, w[f"w{n}"], w.get(f"b{n}")).view(b, t, -1, hd) for n in "qkv")
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)      # [b, t, nh | nkv, hd]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # [b, heads, t, hd]
 
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -198,7 +212,9 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, nh, t, hd = q.shape
     nkv = k.shape[1]
     qg = q.reshape(b, nkv, (nh // nkv) * t, hd)                        # [b, nkv, group*t, hd]
-    out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask,
                                          scale=1.0 / math.sqrt(hd))     # [b, nkv, group*t, hd]
     return out.reshape(b, nh, t, hd)                                   # [b, nh, t, hd]
 
@@ -219,6 +235,7 @@ def mlp_block(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 
 
 def head(w: dict, x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """Final norm and LM head of the last hidden state: x [b, hidden] -> logits [b, vocab] fp32."""
-    h = norm(w, x, spec)                                               # [b, hidden]
-    return linear(h, w["w_out"]).float()                               # [b, vocab]
+    """Final norm and LM head: x [b, (t,) hidden] (the last hidden state, or every position for
+    perplexity) -> logits [b, (t,) vocab] fp32."""
+    h = norm(w, x, spec)                                               # [b, (t,) hidden]
+    return linear(h, w["w_out"]).float()                               # [b, (t,) vocab]

@@ -14,10 +14,13 @@ import torch.nn.functional as F
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T + b`` for x [..., in] and w [out, in] -> [..., out].
 
-    ``w`` is a dense ``torch.Tensor`` or a ``pipo.ops.quant.QuantTensor`` (int4, dequantized by
-    ``pipo.ops.int4_dispatch.int4_matmul``). Anything else is a bug in the caller and raises ``TypeError``.
+    ``w`` is a dense ``torch.Tensor``, a ``pipo.ops.quant.QuantTensor`` (int4, multiplied by
+    ``pipo.ops.int4_dispatch.int4_matmul``) or a ``pipo.ops.int4pack.PackedInt4`` (CPU placement).
+    Anything else is a bug in the caller and raises ``TypeError``.
     """
     if isinstance(w, torch.Tensor):
+        if x.dtype != w.dtype:  # an fp32 residual stream meeting bf16 weights (CPU 4-bit path)
+            x = x.to(w.dtype)
         return F.linear(x, w, b)  # [..., out]
     from pipo.ops import quant  # lazy: dense-only runs never import the quantization code
 
@@ -25,4 +28,8 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
         from pipo.ops.int4_dispatch import int4_matmul
 
         return int4_matmul(x, w, b)  # [..., out]: CPU routine, CUDA GEMV or dequant + matmul
+    from pipo.ops.int4pack import PackedInt4, packed_linear
+
+    if isinstance(w, PackedInt4):
+        return packed_linear(x, w, b)  # [..., out]: torch's CPU int4 kernel (a packed Q8 too)
     raise TypeError(f"linear() got a weight of type {type(w).__name__}; expected a tensor or QuantTensor")

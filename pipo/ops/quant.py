@@ -62,6 +62,11 @@ class PartsRecord:
         return cls(**{name: parts[name] for name in cls.tensor_fields},
                    shape=(int(shape[0]), int(shape[1])), group_size=int(group_size))
 
+    def to(self, device: str | torch.device, non_blocking: bool = False):
+        """A new record of the same kind with every tensor field on ``device``."""
+        moved = {n: t.to(device, non_blocking=non_blocking) for n, t in self.to_parts().items()}
+        return type(self).from_parts(moved, self.shape, self.group_size)
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class QuantTensor(PartsRecord):
@@ -101,11 +106,6 @@ class QuantTensor(PartsRecord):
     def device(self) -> torch.device:
         """Where the tensors live."""
         return self.qweight.device
-
-    def to(self, device: str | torch.device, non_blocking: bool = False) -> QuantTensor:
-        """A new record with every tensor field on ``device``."""
-        moved = {n: t.to(device, non_blocking=non_blocking) for n, t in self.to_parts().items()}
-        return QuantTensor.from_parts(moved, self.shape, self.group_size)
 
 
 # ---------------------------------------------------------------------------------------------------

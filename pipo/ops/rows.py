@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from pipo.io.spec import ModelSpec
-from pipo.ops.layers import _grouped_attention, _qkv, norm
+from pipo.ops.layers import _grouped_attention, _rotated_heads, norm
 from pipo.ops.linear import linear
-from pipo.ops.rope import apply_rope
 from pipo.ops.traits import traits_for
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -130,14 +129,9 @@ def row_attention_block(w: dict, x: torch.Tensor, k_cache: torch.Tensor, v_cache
     rows = prep.rows
     nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     h = norm(w, x, spec)                                               # [1, T, hidden]
-    q, k, v = _qkv(w, h, nh * hd, nkv * hd)                            # [1, T, nh*hd], 2 x [1, T, nkv*hd]
-    q = q.view(1, t, nh, hd).transpose(1, 2)                           # [1, nh, T, hd]
-    k = k.view(1, t, nkv, hd).transpose(1, 2)                          # [1, nkv, T, hd]
-    if prep.cos is not None:
-        q = apply_rope(q, prep.cos, prep.sin)                          # [1, nh, T, hd]
-        k = apply_rope(k, prep.cos, prep.sin)                          # [1, nkv, T, hd]
+    q, k, v = _rotated_heads(w, h, prep, nh, nkv, hd)                  # [1, nh|nkv, T, hd]
     k_cache[rows.kv_row, :, rows.kv_slot] = k[0].transpose(0, 1)       # scatter [T, nkv, hd]
-    v_cache[rows.kv_row, :, rows.kv_slot] = v.view(t, nkv, hd)         # scatter [T, nkv, hd]
+    v_cache[rows.kv_row, :, rows.kv_slot] = v[0].transpose(0, 1)       # scatter [T, nkv, hd]
     if rows.all_rows:
         keys, values = k_cache[:, :, :rows.end], v_cache[:, :, :rows.end]  # [R, nkv, end, hd] views
     else:

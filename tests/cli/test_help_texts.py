@@ -25,8 +25,8 @@ def expanded_help(parser: argparse.ArgumentParser, action: argparse.Action) -> s
 
 
 def test_every_subcommand_is_walked():
-    assert set(subcommands()) == {"generate", "serve", "info", "graph", "convert", "verify",
-                                  "probe", "plan", "bench"}
+    assert set(subcommands()) == {"generate", "serve", "perplexity", "info", "graph", "convert",
+                                  "verify", "probe", "plan", "bench"}
 
 
 @pytest.mark.parametrize("name", sorted(subcommands()))

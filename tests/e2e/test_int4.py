@@ -29,7 +29,8 @@ def dequantized_like_pipo(model, group_size):
 def test_tiny_llama_int4_equals_dequantized_transformers(tmp_path, group_size, placement):
     model = build_model("llama", tmp_path)
     reference = hf_greedy(dequantized_like_pipo(model, group_size), PROMPTS, 16)
-    with pipo.load(tmp_path, weights="int4", group_size=group_size, placement=placement) as e:
+    with pipo.load(tmp_path, weights="int4", group_size=group_size, placement=placement,
+                   dtype="float32") as e:  # fp32 compute: the exact (numba) int4 path
         result = e.generate_ids(PROMPTS, 16, keep_logits=True)
     for row, (tokens, logits) in enumerate(reference):
         assert result.tokens[row] == tokens
@@ -37,19 +38,39 @@ def test_tiny_llama_int4_equals_dequantized_transformers(tmp_path, group_size, p
         assert (ours - logits).abs().max().item() < 1e-3
 
 
-def test_int4_weights_stay_4bit_in_memory(tmp_path):
+@pytest.mark.parametrize("placement", ["resident", "host"])
+def test_tiny_llama_cpu_packed_int4_is_close_to_dequantized_transformers(tmp_path, placement):
+    """The default int4 CPU path (torch's int4 kernel, bf16 inside blocks, fp32 residual): the
+    prefill logits of the same weights within bf16 rounding of transformers' fp32 ones."""
+    model = build_model("llama", tmp_path)
+    reference = hf_greedy(dequantized_like_pipo(model, 32), PROMPTS, 1)
+    with pipo.load(tmp_path, weights="int4", group_size=32, placement=placement) as e:
+        assert e.dtype == torch.bfloat16
+        result = e.generate_ids(PROMPTS, 1, keep_logits=True)
+        kinds = {type(v).__name__ for v in e._weights.block("L0.attn", None).values()} \
+            if placement == "resident" else {"PackedInt4"}
+    assert "PackedInt4" in kinds
+    for row, (_, logits) in enumerate(reference):
+        ours, theirs = result.logits[0][row], logits[0]
+        scale = theirs.abs().max().item()
+        assert (ours - theirs).abs().max().item() < 0.03 * scale
+        assert int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.parametrize("dtype,kind", [("float32", "QuantTensor"), (None, "PackedInt4")])
+def test_int4_weights_stay_4bit_in_memory(tmp_path, dtype, kind):
     build_model("llama", tmp_path)
-    with pipo.load(tmp_path, weights="int4") as engine:
+    with pipo.load(tmp_path, weights="int4", dtype=dtype) as engine:
         engine.generate_ids([[1, 2, 3]], 2)
         attn = engine._weights.resident["L0.attn"]
-    assert all(type(attn[name]).__name__ == "QuantTensor" for name in ("wqkv", "wo"))
+    assert all(type(attn[name]).__name__ == kind for name in ("wqkv", "wo"))
 
 
 @pytest.mark.slow
 def test_smollm2_shipped_int4_equals_transformers_gguf(smollm2_reference):
     source = open_model(None, keep_quant=True)
     assert type(source.read_block("L0.mlp")["w_up"]).__name__ == "QuantTensor"
-    with pipo.load(weights="int4") as engine:
+    with pipo.load(weights="int4", dtype="float32") as engine:  # the exact int4 path
         texts = engine.generate(SMOL_PROMPTS, SMOL_NEW_TOKENS)
     assert texts == smollm2_reference
 
