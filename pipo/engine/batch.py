@@ -57,6 +57,7 @@ class Batch:
                  program: Callable[[str], Program], keep_stats: bool = False):
         self.runtime, self.io, self.ctx, self.plan, self.program = runtime, io, ctx, plan, program
         self.max_len, self.keep_stats = max_len, keep_stats
+        self.inline = False
         self.stats: list[RunStats] = []
         self._lengths: list[int | None] = [None] * plan.batch  # None: free slot
         self._pending: dict[int, list[int]] = {}
@@ -118,7 +119,7 @@ class Batch:
         layout = self._layout({row: len(ids) for row, ids in feed.items()})
         started = self._take_started(layout)
         self._set_inputs(feed, logits, layout)
-        stats = started.finish() if started else self.runtime.run(self.program(layout[0]), self.ctx)
+        stats = started.finish() if started else self._run(self.program(layout[0]))
         if self.keep_stats:
             self.stats.append(stats)
         for row, ids in feed.items():
@@ -134,6 +135,21 @@ class Batch:
             return out
 
         return split
+
+    def run_inline(self) -> None:
+        """Run this batch's steps on the calling thread, task by task in program order, without
+        the runtime: for a resident plan (weights and KV), e.g. a draft model stepped from inside
+        a task of another engine's run (:mod:`pipo.engine.drafts`)."""
+        if self.plan.streamed() or self.plan.kv_offloaded:
+            raise GenerationError("inline steps need resident weights and a resident KV cache")
+        self.inline = True
+
+    def _run(self, program: Program) -> RunStats:
+        if not self.inline:
+            return self.runtime.run(program, self.ctx)
+        for task, execute in zip(program.tasks, program.executors, strict=True):
+            execute(task, self.ctx)
+        return RunStats()
 
     def prefetch(self, counts: dict[int, int]) -> None:
         """Start the leading loads of a next step that appends ``counts[row]`` tokens per row."""
