@@ -136,7 +136,8 @@ def int4_draft(target: Engine, group_size: int, max_len: int) -> ModelDraft:
     """The ``int4`` draft of ``target``: its weights at int4 group ``group_size``, resident."""
     if group_size not in INT4_GROUP_SIZES:
         raise DraftError(f"--draft-group-size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-    resident = target._weights.resident if target._weights is not None else {}
+    target.open_batch(1, 1).close()  # places the target's weights, to share its embed / head
+    resident = target._weights.resident
     shared = {b: resident[b] for b in ("embed", "head") if b in resident}
     options = EngineOptions(device=target.options.device, dtype=target.options.dtype,
                             weights="int4", group_size=group_size, placement="resident")
