@@ -120,6 +120,41 @@ class Batch:
         started = self._take_started(layout)
         self._set_inputs(feed, logits, layout)
         stats = started.finish() if started else self._run(self.program(layout[0]))
+        return self._finished(feed, logits, stats)
+
+    def submit_prelude(self, rows: list[int], logits: str, program: Callable[[str], Program],
+                       prelude) -> Callable[[], dict[int, torch.Tensor]]:
+        """Like :meth:`submit`, but the tokens come from the run itself: ``program(phase)`` is a
+        step graph whose leading compute tasks call ``prelude.step(index)`` (see
+        :mod:`graphs.speculate`); the call that returns a feed ``{row: [ids]}`` (``rows`` only)
+        hands the pass its tokens. The pass's leading loads run meanwhile."""
+        if logits not in LOGITS:
+            raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+        self._cancel_started()
+        layout = self._layout(dict.fromkeys(rows, 1))
+        self.ctx.kv_load_end = list(layout[1])
+        fed: dict[int, list[int]] = {}
+
+        def step(index: int) -> None:
+            feed = prelude.step(index)
+            if feed is not None:
+                if sorted(feed) != sorted(rows):
+                    raise GenerationError(f"a prelude fed rows {sorted(feed)}, not {sorted(rows)}")
+                fed.update(self._merge_pending(feed))
+                self._set_inputs(fed, logits, layout)
+
+        self.ctx.prelude, self.ctx.rows = step, [None] * self.plan.n_micro
+        try:
+            stats = self._run(program(layout[0]))
+        finally:
+            self.ctx.prelude = None
+        if not fed:
+            raise GenerationError("the step's prelude tasks never handed it tokens")
+        return self._finished(fed, logits, stats)
+
+    def _finished(self, feed: dict[int, list[int]], logits: str, stats: RunStats
+                  ) -> Callable[[], dict[int, torch.Tensor]]:
+        """After a step's run: stats, lengths, and the wait for its logits split per row."""
         if self.keep_stats:
             self.stats.append(stats)
         for row, ids in feed.items():

@@ -83,22 +83,33 @@ class ModelDraft:
                 ) -> tuple[list[int], torch.Tensor | None]:
         """``k`` tokens drawn one by one from the draft (argmax when greedy) and their
         distributions [k, vocab] (``None`` when greedy)."""
-        feed = tokens[len(self.kv_tokens):]
-        drafted, dists = [], []
-        for i in range(k):
-            logits = self.batch.step({self.row: feed})[self.row]     # [1, vocab]
-            self.kv_tokens += feed
-            if sampling.greedy:
-                token = int(logits[-1].argmax())
-            else:
-                q = probabilities(logits, sampling)                    # [1, vocab]
-                token = int(torch.multinomial(q, 1, generator=generator))
-                dists.append(q[0])
-            drafted.append(token)
-            feed = [token]
-            if len(self.kv_tokens) + 1 >= self.batch.max_len:
-                break
-        return drafted, (torch.stack(dists) if dists else None)
+        self.begin(tokens, sampling, generator)
+        for _ in range(k):
+            self.step_once()
+        return self.result()
+
+    def begin(self, tokens: list[int], sampling: SamplingParams, generator) -> None:
+        """Start a round after the committed ``tokens`` (then :meth:`step_once`, :meth:`result`)."""
+        self._feed, self._sampling, self._generator = tokens[len(self.kv_tokens):], sampling, generator
+        self._drafted, self._dists = [], []
+
+    def step_once(self) -> int:
+        """Draft one more token: one pass of the draft model."""
+        logits = self.batch.step({self.row: self._feed})[self.row]    # [1, vocab]
+        self.kv_tokens += self._feed
+        if self._sampling.greedy:
+            token = int(logits[-1].argmax())
+        else:
+            q = probabilities(logits, self._sampling)                  # [1, vocab]
+            token = int(torch.multinomial(q, 1, generator=self._generator))
+            self._dists.append(q[0])
+        self._drafted.append(token)
+        self._feed = [token]
+        return token
+
+    def result(self) -> tuple[list[int], torch.Tensor | None]:
+        """This round's drafted tokens and their distributions (``None`` when greedy)."""
+        return list(self._drafted), (torch.stack(self._dists) if self._dists else None)
 
     def rollback(self, committed: list[int]) -> None:
         """Keep only the KV of the drafted sequence's prefix that ``committed`` shares."""

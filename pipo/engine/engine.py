@@ -138,9 +138,7 @@ class Engine:
 
     def program(self, plan: Plan, phase: str) -> Program:
         """The compiled step graph of ``phase`` for ``plan`` (compiled once, then reused)."""
-        # a step graph depends on every plan field except these sizes and the KV's backing store
-        key = (replace(plan, max_len=0, slot_nbytes=0, kv_nbytes=0, resident_nbytes=0,
-                       kv_disk=False), phase)
+        key = (graph_key(plan), phase)
         if key not in self._programs:
             self._programs[key] = self.runtime.compile(build_step(self.spec, plan, phase))
         return self._programs[key]
@@ -176,6 +174,11 @@ class Engine:
 def _close(owner) -> None:
     if owner is not None:
         owner.close()
+
+
+def graph_key(plan: Plan) -> Plan:
+    """What a step graph depends on: every plan field except these sizes and the KV's store."""
+    return replace(plan, max_len=0, slot_nbytes=0, kv_nbytes=0, resident_nbytes=0, kv_disk=False)
 
 
 def _weights_key(plan: Plan) -> tuple:

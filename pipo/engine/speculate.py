@@ -11,6 +11,8 @@ sequence; the target appends the last committed token and the k drafts in ONE mu
   are accepted draw one more from p. The output distribution is the target's (``p`` after the same
   temperature / top-k / top-p as plain sampling; a deterministic draft has q one-hot).
 
+With a model draft, the round's draft steps are compute tasks in the verify pass's step DAG
+(:mod:`pipo.engine.speculate_dag`), so they run while the pass's first weights stream in.
 Rejected positions are discarded with ``Batch.truncate`` in the target and in the draft. k adapts
 to the running acceptance: k = 1 + the exponential average of accepted drafts per round, rounded
 up, within 1..``k_max``.
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipo.engine.loop import Generation
+from pipo.engine.speculate_dag import DraftPrograms, verify_with_drafting
 from pipo.ops.sampling import SamplingParams, make_generator, probabilities
 
 EMA = 0.5
@@ -34,7 +37,8 @@ EMA = 0.5
 class SpecStats:
     """What speculation did: target passes, drafted and accepted tokens, and time per phase.
 
-    ``verify_s`` maps a round's draft count k to the verify-pass seconds of each such round.
+    ``verify_s`` maps a round's draft count k to the verify-pass seconds of each such round (with
+    drafting in the DAG: the whole run, draft steps included, since they overlap the loads).
     """
 
     passes: int = 0
@@ -100,8 +104,10 @@ class Speculator:
     :class:`~pipo.engine.Engine` (prompts run one after another), so the CLI uses either alike.
     """
 
-    def __init__(self, engine, draft, k: int = 4, adaptive: bool = True, k_max: int = 8):
+    def __init__(self, engine, draft, k: int = 4, adaptive: bool = True, k_max: int = 8,
+                 overlap: bool = True):
         self.engine, self.draft, self.k, self.adaptive = engine, draft, k, adaptive
+        self.overlap, self._programs = overlap, DraftPrograms(engine)
         self.k_max = max(k, k_max) if adaptive else k
         self.tokenizer, self.spec = engine.tokenizer, engine.spec
         self.stats = SpecStats()
@@ -158,14 +164,14 @@ class Speculator:
                 if len(out) == max_new:
                     break
                 want = max(0, min(k, max_new - len(out) - 1))
-                t_draft = time.perf_counter()
-                drafts, q = self.draft.propose(seq, want, sampling, generator) if want else ([], None)
-                stats.draft_s += time.perf_counter() - t_draft
                 kept = batch.length(row)
-                t_verify = time.perf_counter()
-                logits = batch.step({row: [token] + drafts}, logits="all")[row]
+                t0 = time.perf_counter()
+                drafts, q, logits, draft_s = self._round(batch, row, seq, token, want, sampling,
+                                                         generator)
+                stats.draft_s += draft_s
+                stats.verify_s.setdefault(len(drafts), []).append(
+                    time.perf_counter() - t0 - (0.0 if self.overlap_ok else draft_s))
                 n, token = accept(logits, drafts, q, sampling, generator)
-                stats.verify_s.setdefault(len(drafts), []).append(time.perf_counter() - t_verify)
                 batch.truncate(row, kept + 1 + n)  # the rejected drafts' KV is discarded
                 stats.passes += 1
                 stats.drafted += len(drafts)
@@ -186,6 +192,22 @@ class Speculator:
         stats.generated = len(out)
         self.stats.add(stats)
         return out, batch.plan, time.perf_counter() - t0
+
+    @property
+    def overlap_ok(self) -> bool:
+        """Whether rounds draft inside the verify pass's DAG (a model draft and ``overlap``)."""
+        return self.overlap and hasattr(self.draft, "step_once")
+
+    def _round(self, batch, row: int, seq: list[int], token: int, k: int, sampling, generator):
+        """Draft up to ``k`` tokens and verify them: (drafts, q, logits [n+1, V], draft seconds).
+        With :attr:`overlap_ok` both happen in one run of the target's step DAG."""
+        if k and self.overlap_ok:
+            return verify_with_drafting(batch, self._programs, self.draft, row, seq, token, k,
+                                        sampling, generator)
+        t0 = time.perf_counter()
+        drafts, q = self.draft.propose(seq, k, sampling, generator) if k else ([], None)
+        draft_s = time.perf_counter() - t0
+        return drafts, q, batch.step({row: [token, *drafts]}, logits="all")[row], draft_s
 
     def close(self) -> None:
         """Close the draft and the target engine."""
