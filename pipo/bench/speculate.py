@@ -3,7 +3,8 @@
 One target engine (e.g. an offload store with ``--placement disk``: every pass streams the
 weights from disk with O_DIRECT, so the page cache never serves them) generates each prompt of a
 fixed JSONL set (``benchmarks/prompts/speculate.jsonl``: chat, summarization, code) greedily, once
-plainly and once per draft kind, alternating per prompt, under the same plan. Per variant: tok/s
+plainly and once per draft kind, alternating per prompt, under the same plan; a model draft runs
+twice: drafting inside the verify pass's DAG (overlapping its loads) and before it ("no overlap"). Per variant: tok/s
 (generated tokens / wall seconds over all prompts), generated tokens per target pass, draft ms per
 drafted token, verify-pass ms per draft count k (median), and link bytes per generated token (the
 streamed blocks' stored bytes x target passes / generated tokens). Greedy speculation is exact, so
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,12 @@ def run_speculate(engine, drafts: dict[str, Any], prompts: list[list[int]], gen_
                   k: int) -> dict[str, Any]:
     """Plain and each draft on every prompt (alternating); one summary row per variant."""
     plain = {"passes": 0, "generated": 0, "wall_s": 0.0, "tokens": []}
-    specs = {name: Speculator(engine, d, k=k, k_max=2 * k) for name, d in drafts.items()}
+    specs = {}
+    for name, draft in drafts.items():
+        specs[name] = Speculator(engine, draft, k=k, k_max=2 * k)
+        if hasattr(draft, "step_once"):  # the same draft with its steps outside the DAG
+            specs[f"{name} (no overlap)"] = Speculator(engine, draft, k=k, k_max=2 * k,
+                                                       overlap=False)
     walls = dict.fromkeys(specs, 0.0)
     tokens: dict[str, list] = {name: [] for name in specs}
     engine.generate_ids(prompts[:1], 2)  # warm-up: places weights, compiles the step graphs
@@ -52,7 +59,8 @@ def run_speculate(engine, drafts: dict[str, Any], prompts: list[list[int]], gen_
         spec.generate_ids(prompts[:1], 4)
         spec.stats = SpecStats()
     plan = None
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
+        print(f"prompt {i + 1}/{len(prompts)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         gen = engine.generate_ids([prompt], gen_len)
         plain["wall_s"] += time.perf_counter() - t0
