@@ -107,6 +107,9 @@ def _add_speculate_options(p: argparse.ArgumentParser) -> None:
                    help="initial draft tokens per round (default: %(default)s)")
     g.add_argument("--draft-group-size", type=int, default=128, metavar="N",
                    help="int4 draft group size (default: %(default)s)")
+    g.add_argument("--weight-slots", type=int, default=2, metavar="N",
+                   help="the target's weight slots: blocks that may load ahead of compute, also "
+                        "while a model draft drafts (default: %(default)s)")
 
 
 def _add_workload_overrides(p: argparse.ArgumentParser, positive_int) -> None:
@@ -162,20 +165,29 @@ def _run_speculate(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = speculate.read_prompt_set(args.prompts or speculate.DEFAULT_PROMPTS)
     gen_len = args.gen_len or SPECULATE_GEN_LEN
-    options = EngineOptions(device=args.device, placement=args.placement)
+    options = EngineOptions(device=args.device, placement=args.placement,
+                            n_weight_slots=args.weight_slots)
     with open_engine_with(args.model, options) as engine:
         prompts = [encode_prompt(engine, r["prompt"], True, None) for r in rows]
         max_len = max(map(len, prompts)) + gen_len + 4 * args.draft_tokens
         drafts = {kind: make_draft(kind, engine, max_len, group_size=args.draft_group_size)
                   for kind in args.drafts.split(",")}
         try:
-            result = speculate.run_speculate(engine, drafts, prompts, gen_len, args.draft_tokens)
+            result = speculate.run_speculate(engine, drafts, prompts, gen_len, args.draft_tokens,
+                                             save=lambda partial: _save_partial(args, partial))
         finally:
             for draft in drafts.values():
                 draft.close()
     print(speculate.format_table(result))
     return {"workload": {"id": SPECULATE, **{k: v for k, v in result.items() if k != "rows"}},
             "rows": result["rows"]}
+
+
+def _save_partial(args: argparse.Namespace, partial: dict[str, Any]) -> None:
+    from pipo.bench.report import write_json
+
+    if args.out:
+        write_json({"partial": True, **partial}, args.out)
 
 
 def _run_smollm(args: argparse.Namespace) -> dict[str, Any]:

@@ -43,8 +43,9 @@ def link_nbytes_per_pass(engine, plan) -> int:
 
 
 def run_speculate(engine, drafts: dict[str, Any], prompts: list[list[int]], gen_len: int,
-                  k: int) -> dict[str, Any]:
-    """Plain and each draft on every prompt (alternating); one summary row per variant."""
+                  k: int, save=None) -> dict[str, Any]:
+    """Plain and each draft on every prompt (alternating); one summary row per variant.
+    ``save(result)`` runs after each prompt with the summary so far (a killed run keeps it)."""
     plain = {"passes": 0, "generated": 0, "wall_s": 0.0, "tokens": []}
     specs = {}
     for name, draft in drafts.items():
@@ -72,13 +73,19 @@ def run_speculate(engine, drafts: dict[str, Any], prompts: list[list[int]], gen_
             t0 = time.perf_counter()
             tokens[name].append(spec.generate_ids([prompt], gen_len).tokens[0])
             walls[name] += time.perf_counter() - t0
+        if save is not None:
+            save(_summary(engine, plan, plain, specs, walls, tokens, i + 1, gen_len, k))
+    return _summary(engine, plan, plain, specs, walls, tokens, len(prompts), gen_len, k)
+
+
+def _summary(engine, plan, plain, specs, walls, tokens, n_prompts, gen_len, k) -> dict[str, Any]:
     per_pass = link_nbytes_per_pass(engine, plan)
     rows = [_row("plain", plain["generated"], plain["passes"], plain["wall_s"], per_pass, None,
                  True)]
     for name, spec in specs.items():
         rows.append(_row(name, spec.stats.generated, spec.stats.passes, walls[name], per_pass,
                          spec.stats, tokens[name] == plain["tokens"]))
-    return {"rows": rows, "prompts": len(prompts), "gen_len": gen_len, "k": k,
+    return {"rows": rows, "prompts": n_prompts, "gen_len": gen_len, "k": k,
             "link_nbytes_per_pass": per_pass,
             "placement": sorted({tier for _, tier in plan.placement})}
 

@@ -111,6 +111,7 @@ class Speculator:
         self.k_max = max(k, k_max) if adaptive else k
         self.tokenizer, self.spec = engine.tokenizer, engine.spec
         self.stats = SpecStats()
+        self.step_stats: list = []
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
                      sampling: SamplingParams = SamplingParams(), *, on_step=None,
@@ -189,6 +190,7 @@ class Speculator:
                     k = max(1, min(self.k_max, math.ceil(ema) + 1))
         finally:
             batch.close()
+        self.step_stats = batch.stats  # per target run, with the engine's trace option
         stats.generated = len(out)
         self.stats.add(stats)
         return out, batch.plan, time.perf_counter() - t0

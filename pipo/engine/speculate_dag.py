@@ -10,6 +10,7 @@ DraftStep hands the drafted tokens to the pass (``Batch.submit_prelude``).
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from graphs import build_step
@@ -19,9 +20,15 @@ from pipo.runtime.registry import executor
 
 
 @executor(DraftStep)
-def draft_step(task: DraftStep, ctx) -> None:
-    """Draft token ``task.index`` of the round (see :class:`DraftRound`)."""
-    ctx.prelude(task.index)
+def draft_step(task: DraftStep, ctx):
+    """Draft token ``task.index`` of the round (see :class:`DraftRound`).
+
+    On a CPU the compute and disk lanes share one event loop, and a disk read needs that loop to
+    issue its chunks; so the step runs in a worker thread while the loop keeps the disk lane's reads
+    going. On CUDA it runs inline (its kernels go to the compute lane's stream)."""
+    if ctx.weights.device.type != "cpu":
+        return ctx.prelude(task.index)
+    return asyncio.get_running_loop().run_in_executor(None, ctx.prelude, task.index)
 
 
 class DraftRound:
