@@ -158,3 +158,21 @@ def test_sampling_acceptance_reproduces_the_target_distribution(draft_kind):
     expected = n * p
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 20.5  # df = 5, p = 0.001
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_model_drafts_run_inside_the_verify_pass_dag_or_before_it(families, overlap):
+    path, _, want = families["opt"]
+    with pipo.load(path, placement="host", trace=True) as engine:
+        draft = make_draft("int4", engine, 64, group_size=64)
+        spec = Speculator(engine, draft, k=3, overlap=overlap)
+        assert spec.generate_ids(PROMPTS[:1], NEW).tokens == want[:1]
+        draft.close()
+    in_dag = [r for s in spec.step_stats for r in s.records if r.name.startswith("DraftStep")]
+    assert bool(in_dag) == overlap
+    if overlap:  # the pass's first weight load starts before its drafting ends
+        run = next(s for s in spec.step_stats if any(r.name.startswith("DraftStep")
+                                                    for r in s.records))
+        last_draft = max(r.end_s for r in run.records if r.name.startswith("DraftStep"))
+        first_load = min(r.start_s for r in run.records if r.name.startswith("LoadWeight"))
+        assert first_load < last_draft
