@@ -195,6 +195,12 @@ class Speculator:
         self.stats.add(stats)
         return out, batch.plan, time.perf_counter() - t0
 
+    def __getattr__(self, name: str):
+        """Everything else (``plan_for``, ``source``, ...) is the target engine's."""
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
     @property
     def overlap_ok(self) -> bool:
         """Whether rounds draft inside the verify pass's DAG (a model draft and ``overlap``)."""
