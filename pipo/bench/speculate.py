@@ -108,9 +108,9 @@ def _row(name: str, generated: int, passes: int, wall_s: float, per_pass: int,
 def format_table(result: dict[str, Any]) -> str:
     """The variants side by side (Markdown), speed-up against plain."""
     base = result["rows"][0]["tok_s"] or 1.0
-    lines = ["| variant | tok/s | x plain | tokens / target pass | draft acceptance | "
-             "draft ms / token | verify-pass ms by k | link MB / token | equal to plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| variant | tok/s | x plain | tokens / target pass | draft acceptance | "
+              "draft ms / token | verify-pass ms by k | link MB / token | equal to plain |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         verify = ", ".join(f"{k}: {ms:.0f}" for k, ms in r.get("verify_ms_by_k", {}).items())
         lines.append(

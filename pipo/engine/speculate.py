@@ -31,6 +31,7 @@ from pipo.engine.speculate_dag import DraftPrograms, verify_with_drafting
 from pipo.ops.sampling import SamplingParams, make_generator, probabilities
 
 EMA = 0.5
+GREEDY = SamplingParams()
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Speculator:
         self.step_stats: list = []
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int,
-                     sampling: SamplingParams = SamplingParams(), *, on_step=None,
+                     sampling: SamplingParams = GREEDY, *, on_step=None,
                      keep_logits: bool = False) -> Generation:
         """New tokens per prompt, as ``Engine.generate_ids`` (``on_step`` gets each new token)."""
         sampling.validate()
@@ -135,7 +136,7 @@ class Speculator:
         return result
 
     def generate(self, prompts, max_new_tokens: int = 64,
-                 sampling: SamplingParams = SamplingParams(), *, chat: bool = False,
+                 sampling: SamplingParams = GREEDY, *, chat: bool = False,
                  system: str | None = None, on_text=None):
         """As ``Engine.generate``, speculatively."""
         from pipo.engine.text import generate_text

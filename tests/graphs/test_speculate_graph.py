@@ -10,7 +10,15 @@ from graphs import SCHEDULES, build_step
 from graphs.golden.regen import golden_spec
 from graphs.speculate import DraftStep, with_draft_steps
 from pipo.plan import estimate_block_nbytes, fixed_plan
-from pipo.runtime import EXECUTORS, Compute, LoadKV, LoadWeight, ReadBlock, Runtime, check_graph
+from pipo.runtime import (
+    EXECUTORS,
+    Compute,
+    LoadKV,
+    LoadWeight,
+    ReadBlock,
+    Runtime,
+    check_graph,
+)
 from pipo.runtime.tasks import COMPUTE
 
 SPEC = golden_spec()
