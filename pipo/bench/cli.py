@@ -107,6 +107,8 @@ def _add_speculate_options(p: argparse.ArgumentParser) -> None:
                    help="initial draft tokens per round (default: %(default)s)")
     g.add_argument("--draft-group-size", type=int, default=128, metavar="N",
                    help="int4 draft group size (default: %(default)s)")
+    g.add_argument("--no-chat", action="store_true",
+                   help="feed the prompts as they are, not in the model's chat template")
     g.add_argument("--weight-slots", type=int, default=2, metavar="N",
                    help="the target's weight slots: blocks that may load ahead of compute, also "
                         "while a model draft drafts (default: %(default)s)")
@@ -168,7 +170,7 @@ def _run_speculate(args: argparse.Namespace) -> dict[str, Any]:
     options = EngineOptions(device=args.device, placement=args.placement,
                             n_weight_slots=args.weight_slots)
     with open_engine_with(args.model, options) as engine:
-        prompts = [encode_prompt(engine, r["prompt"], True, None) for r in rows]
+        prompts = [encode_prompt(engine, r["prompt"], not args.no_chat, None) for r in rows]
         max_len = max(map(len, prompts)) + gen_len + 4 * args.draft_tokens
         drafts = {kind: make_draft(kind, engine, max_len, group_size=args.draft_group_size)
                   for kind in args.drafts.split(",")}
