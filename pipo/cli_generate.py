@@ -10,6 +10,7 @@ from pipo.cli_batch import read_prompts, run_batch
 from pipo.cli_options import (add_engine_options, add_model_option, add_threads_option, check,
                               open_engine, positive_int, set_threads)
 from pipo.cli_paths import check_output_file
+from pipo.cli_speculate import add_speculate_options, speculative
 from pipo.ops.sampling import SamplingParams
 
 
@@ -51,6 +52,7 @@ def add_generate(sub) -> None:
                    help="prompts generated together, with --input (default: %(default)s)")
     add_threads_option(p)
     add_engine_options(p)
+    add_speculate_options(p)
     _add_ray_options(p)
     p.set_defaults(run=run)
 
@@ -82,16 +84,30 @@ def run(args: argparse.Namespace) -> int:
     check(args.ray is not None or (args.workers is None and args.gpus_per_worker is None),
           "--workers and --gpus-per-worker need --ray")
     check(args.ray is None or args.input is not None, "--ray needs --input FILE")
+    check(args.ray is None or args.speculate == "off", "--speculate does not run with --ray yet")
     prompts = read_prompts(args.input) if args.input else None
     if args.ray is not None:
         from pipo.distributed.job import run_ray_batch
 
         return run_ray_batch(args, sampling, prompts)
     set_threads(args.threads)
-    with open_engine(args) as engine:
-        if prompts is None:
-            return _stream_one(engine, args, sampling)
-        return run_batch(engine, args, sampling, prompts)
+    with open_engine(args) as target:
+        engine = speculative(target, args, _max_len(target, args, prompts))
+        try:
+            if prompts is None:
+                return _stream_one(engine, args, sampling)
+            return run_batch(engine, args, sampling, prompts)
+        finally:
+            if engine is not target:
+                engine.draft.close()
+
+
+def _max_len(engine, args, prompts) -> int:
+    """Longest sequence a draft may hold: the longest prompt (in tokens, a bound) + new tokens
+    + a round's drafts."""
+    texts = [args.prompt] if prompts is None else [p.prompt for p in prompts]
+    longest = max(len(engine.tokenizer.encode(t)) for t in texts) if engine.tokenizer else 0
+    return longest + 64 + args.max_new_tokens + 2 * args.draft_tokens + 2
 
 
 def _stream_one(engine, args, sampling: SamplingParams) -> int:

@@ -24,6 +24,8 @@ CPU_COPY_NBYTES = 1 << 28
 DOC = "docs/benchmarks.md"
 SMOLLM_GEN_LEN = 64
 SMOLLM_BATCHES = (1, 8)
+SPECULATE = "speculate"
+SPECULATE_GEN_LEN = 32
 
 
 def _choices_list(allowed: tuple[str, ...]):
@@ -51,9 +53,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                               "Baselines need: pip install -e .[bench]")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where pipo computes (default: %(default)s)")
-    p.add_argument("--workload", choices=WORKLOAD_NAMES, default="smollm",
-                   help=f"a workload of {DOC} (W1-W7, quick: OPT-1.3B) on random weights, or "
-                        "smollm: the default real model on the CPU (default: %(default)s)")
+    p.add_argument("--workload", choices=(*WORKLOAD_NAMES, SPECULATE), default="smollm",
+                   help=f"a workload of {DOC} (W1-W7, quick: OPT-1.3B) on random weights, "
+                        "smollm: the default real model on the CPU, or speculate: batch-1 "
+                        "speculative decoding vs plain streaming on --model (default: %(default)s)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="run the workload on another model shape, e.g. tiny-opt for a smoke test "
                         "(default: the workload's)")
@@ -83,8 +86,32 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="append the baselines' own output (FlexGen) here (default: none)")
     p.add_argument("--baseline-timeout", type=positive_int, default=600, metavar="SECONDS",
                    help="stop a FlexGen run after this long (default: %(default)s)")
+    _add_speculate_options(p)
     p.set_defaults(run=run)
     return p
+
+
+def _add_speculate_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculate workload")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="the target, e.g. an offload store (pipo convert) (default: the default "
+                        "model)")
+    g.add_argument("--placement", default="disk", choices=["auto", "resident", "host", "disk"],
+                   help="where the target's blocks live (default: %(default)s)")
+    g.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="JSONL prompt set (default: benchmarks/prompts/speculate.jsonl)")
+    g.add_argument("--drafts", default="ngram,int4", metavar="LIST",
+                   help="comma-separated draft kinds: ngram, int4, or a model path "
+                        "(default: %(default)s)")
+    g.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="initial draft tokens per round (default: %(default)s)")
+    g.add_argument("--draft-group-size", type=int, default=128, metavar="N",
+                   help="int4 draft group size (default: %(default)s)")
+    g.add_argument("--no-chat", action="store_true",
+                   help="feed the prompts as they are, not in the model's chat template")
+    g.add_argument("--weight-slots", type=int, default=2, metavar="N",
+                   help="the target's weight slots: blocks that may load ahead of compute, also "
+                        "while a model draft drafts (default: %(default)s)")
 
 
 def _add_workload_overrides(p: argparse.ArgumentParser, positive_int) -> None:
@@ -121,12 +148,48 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workload == "smollm":
         document.update(_run_smollm(args))
+    elif args.workload == SPECULATE:
+        document.update(_run_speculate(args))
     else:
         _run_workload(args, document, save)
     save()
     if args.out:
         print(f"wrote {args.out}")
     return 0 if not any(r.get("error") for r in document["rows"]) else 1
+
+
+def _run_speculate(args: argparse.Namespace) -> dict[str, Any]:
+    from pipo.bench import speculate
+    from pipo.cli_options import open_engine_with
+    from pipo.engine import EngineOptions
+    from pipo.engine.drafts import make_draft
+    from pipo.engine.text import encode_prompt
+
+    rows = speculate.read_prompt_set(args.prompts or speculate.DEFAULT_PROMPTS)
+    gen_len = args.gen_len or SPECULATE_GEN_LEN
+    options = EngineOptions(device=args.device, placement=args.placement,
+                            n_weight_slots=args.weight_slots)
+    with open_engine_with(args.model, options) as engine:
+        prompts = [encode_prompt(engine, r["prompt"], not args.no_chat, None) for r in rows]
+        max_len = max(map(len, prompts)) + gen_len + 4 * args.draft_tokens
+        drafts = {kind: make_draft(kind, engine, max_len, group_size=args.draft_group_size)
+                  for kind in args.drafts.split(",")}
+        try:
+            result = speculate.run_speculate(engine, drafts, prompts, gen_len, args.draft_tokens,
+                                             save=lambda partial: _save_partial(args, partial))
+        finally:
+            for draft in drafts.values():
+                draft.close()
+    print(speculate.format_table(result))
+    return {"workload": {"id": SPECULATE, **{k: v for k, v in result.items() if k != "rows"}},
+            "rows": result["rows"]}
+
+
+def _save_partial(args: argparse.Namespace, partial: dict[str, Any]) -> None:
+    from pipo.bench.report import write_json
+
+    if args.out:
+        write_json({"partial": True, **partial}, args.out)
 
 
 def _run_smollm(args: argparse.Namespace) -> dict[str, Any]:

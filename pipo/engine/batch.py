@@ -57,6 +57,7 @@ class Batch:
                  program: Callable[[str], Program], keep_stats: bool = False):
         self.runtime, self.io, self.ctx, self.plan, self.program = runtime, io, ctx, plan, program
         self.max_len, self.keep_stats = max_len, keep_stats
+        self.inline = False
         self.stats: list[RunStats] = []
         self._lengths: list[int | None] = [None] * plan.batch  # None: free slot
         self._pending: dict[int, list[int]] = {}
@@ -118,7 +119,42 @@ class Batch:
         layout = self._layout({row: len(ids) for row, ids in feed.items()})
         started = self._take_started(layout)
         self._set_inputs(feed, logits, layout)
-        stats = started.finish() if started else self.runtime.run(self.program(layout[0]), self.ctx)
+        stats = started.finish() if started else self._run(self.program(layout[0]))
+        return self._finished(feed, logits, stats)
+
+    def submit_prelude(self, rows: list[int], logits: str, program: Callable[[str], Program],
+                       prelude) -> Callable[[], dict[int, torch.Tensor]]:
+        """Like :meth:`submit`, but the tokens come from the run itself: ``program(phase)`` is a
+        step graph whose leading compute tasks call ``prelude.step(index)`` (see
+        :mod:`graphs.speculate`); the call that returns a feed ``{row: [ids]}`` (``rows`` only)
+        hands the pass its tokens. The pass's leading loads run meanwhile."""
+        if logits not in LOGITS:
+            raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+        self._cancel_started()
+        layout = self._layout(dict.fromkeys(rows, 1))
+        self.ctx.kv_load_end = list(layout[1])
+        fed: dict[int, list[int]] = {}
+
+        def step(index: int) -> None:
+            feed = prelude.step(index)
+            if feed is not None:
+                if sorted(feed) != sorted(rows):
+                    raise GenerationError(f"a prelude fed rows {sorted(feed)}, not {sorted(rows)}")
+                fed.update(self._merge_pending(feed))
+                self._set_inputs(fed, logits, layout)
+
+        self.ctx.prelude, self.ctx.rows = step, [None] * self.plan.n_micro
+        try:
+            stats = self._run(program(layout[0]))
+        finally:
+            self.ctx.prelude = None
+        if not fed:
+            raise GenerationError("the step's prelude tasks never handed it tokens")
+        return self._finished(fed, logits, stats)
+
+    def _finished(self, feed: dict[int, list[int]], logits: str, stats: RunStats
+                  ) -> Callable[[], dict[int, torch.Tensor]]:
+        """After a step's run: stats, lengths, and the wait for its logits split per row."""
         if self.keep_stats:
             self.stats.append(stats)
         for row, ids in feed.items():
@@ -134,6 +170,21 @@ class Batch:
             return out
 
         return split
+
+    def run_inline(self) -> None:
+        """Run this batch's steps on the calling thread, task by task in program order, without
+        the runtime: for a resident plan (weights and KV), e.g. a draft model stepped from inside
+        a task of another engine's run (:mod:`pipo.engine.drafts`)."""
+        if self.plan.streamed() or self.plan.kv_offloaded:
+            raise GenerationError("inline steps need resident weights and a resident KV cache")
+        self.inline = True
+
+    def _run(self, program: Program) -> RunStats:
+        if not self.inline:
+            return self.runtime.run(program, self.ctx)
+        for task, execute in zip(program.tasks, program.executors, strict=True):
+            execute(task, self.ctx)
+        return RunStats()
 
     def prefetch(self, counts: dict[int, int]) -> None:
         """Start the leading loads of a next step that appends ``counts[row]`` tokens per row."""

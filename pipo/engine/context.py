@@ -15,6 +15,7 @@ logits the head computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class StepContext:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # per micro: [1, T, hidden]
     logits: dict[int, torch.Tensor] = field(default_factory=dict)   # per micro: [n, vocab]
     attn_inputs: dict[int, RowAttentionInputs] = field(default_factory=dict)  # per micro
+    prelude: Callable[[int], None] | None = None  # what a DraftStep task calls (Batch.submit_prelude)
 
     def attention_inputs(self, micro: int, dtype: torch.dtype) -> RowAttentionInputs:
         """Mask and rope angles of micro-batch ``micro`` for this step, built on first use."""

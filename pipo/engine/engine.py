@@ -155,9 +155,7 @@ class Engine:
 
     def program(self, plan: Plan, phase: str) -> Program:
         """The compiled step graph of ``phase`` for ``plan`` (compiled once, then reused)."""
-        # a step graph depends on every plan field except these sizes and the KV's backing store
-        key = (replace(plan, max_len=0, slot_nbytes=0, kv_nbytes=0, resident_nbytes=0,
-                       kv_disk=False), phase)
+        key = (graph_key(plan), phase)
         if key not in self._programs:
             self._programs[key] = self.runtime.compile(build_step(self.spec, plan, phase))
         return self._programs[key]
@@ -200,6 +198,11 @@ def _scratch_dir(plan: Plan) -> str | None:
     import tempfile
 
     return tempfile.gettempdir() if plan.kv_disk else None
+
+
+def graph_key(plan: Plan) -> Plan:
+    """What a step graph depends on: every plan field except these sizes and the KV's store."""
+    return replace(plan, max_len=0, slot_nbytes=0, kv_nbytes=0, resident_nbytes=0, kv_disk=False)
 
 
 def _weights_key(plan: Plan) -> tuple:

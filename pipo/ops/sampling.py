@@ -66,15 +66,22 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     params.validate()
     if params.greedy:
         return logits.argmax(dim=-1)                                   # [b]
+    probs = probabilities(logits, params)                              # [b, V]
+    draw_device = generator.device if generator is not None else probs.device
+    ids = torch.multinomial(probs.to(draw_device), 1, generator=generator)  # [b, 1]
+    return ids.squeeze(-1).to(logits.device)                           # [b]
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution :func:`sample` draws from (temperature, top-k, top-p): [b, V] fp32.
+
+    Not for greedy params (temperature 0 has no distribution; use argmax)."""
     scaled = logits.float() / params.temperature                       # [b, V]
     if 0 < params.top_k < scaled.shape[-1]:
         scaled = _keep_top_k(scaled, params.top_k)                     # [b, V]
     if params.top_p < 1:
         scaled = _keep_top_p(scaled, params.top_p)                     # [b, V]
-    probs = scaled.softmax(dim=-1)                                     # [b, V]
-    draw_device = generator.device if generator is not None else probs.device
-    ids = torch.multinomial(probs.to(draw_device), 1, generator=generator)  # [b, 1]
-    return ids.squeeze(-1).to(logits.device)                           # [b]
+    return scaled.softmax(dim=-1)                                      # [b, V]
 
 
 def _keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,25 @@
+"""``pipo bench --workload speculate`` end to end on a tiny text model: one row per variant, each
+with tokens equal to plain's, and the JSON written."""
+
+from __future__ import annotations
+
+import json
+
+from pipo.cli import main
+
+
+def test_speculate_workload_rows(tmp_path, capsys):
+    from tests.cli.tiny_text_model import build_text_model
+
+    model = build_text_model(tmp_path / "model")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"kind": "chat", "prompt": p})
+                                 for p in ("abcabc", "hello hello")) + "\n")
+    out = tmp_path / "spec.json"
+    assert main(["bench", "--workload", "speculate", "--model", str(model), "--placement", "host",
+                 "--prompts", str(prompts), "--gen-len", "6", "--drafts", "ngram,int4",
+                 "--draft-group-size", "32", "--no-chat", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["plain", "ngram", "int4", "int4 (no overlap)"]
+    assert all(r["equal_to_plain"] for r in rows)
+    assert "tokens / target pass" in capsys.readouterr().out
