@@ -287,9 +287,17 @@ def test_each_request_samples_with_its_own_seed_whatever_shares_its_steps(tiny_s
     assert alone_7 != alone_8
 
 
-def test_a_client_giving_up_on_a_whole_response_frees_its_row(tiny_server):
+def test_a_client_giving_up_on_a_whole_response_frees_its_row(tiny_server, monkeypatch):
+    import time
     import urllib.request
 
+    def wrap(original):  # 250 steps of >= 20 ms each: the answer cannot beat the client's timeout
+        def slowed(*args, **kw):
+            time.sleep(0.02)
+            return original(*args, **kw)
+        return slowed
+
+    patch_pass(monkeypatch, tiny_server.service.scheduler, wrap)
     stats = tiny_server.service.scheduler.stats
     cancelled = stats.cancelled
     request = urllib.request.Request(
