@@ -272,11 +272,12 @@ class _Search:
                        staged_disk=r.staged_disk and any(t == DISK for _, t in placement))
 
     def _score(self, plan: Plan, int4: bool) -> Choice:
-        r = self.request
+        r, sizes = self.request, self._sizes(int4)
         est = estimate(r.spec, plan, self.profile, prompt_len=r.prompt_len,
                        new_tokens=r.new_tokens, dtype_nbytes=r.dtype_nbytes,
-                       int4_group=r.group_size if int4 else None, link_bps=self.caps.link_bps)
-        memory = memory_per_tier(plan, self._sizes(int4), r)
+                       int4_group=r.group_size if int4 else None, link_bps=self.caps.link_bps,
+                       sizes=sizes)
+        memory = memory_per_tier(plan, sizes, r)
         return Choice(plan, int4, est, tuple(memory.items()))
 
     def result(self, best: dict) -> PlannerResult:
