@@ -17,7 +17,9 @@ def _size(nbytes: float) -> str:
 def describe(engine, plan: Plan) -> str:
     """Architecture, parameter count, bytes per block, and where the plan puts each block."""
     spec = engine.spec
-    sizes = estimate_block_nbytes(spec, engine.dtype.itemsize, engine.options.int4_group())
+    from pipo.engine.weights import placed_sizes
+
+    sizes = placed_sizes(engine.source, engine.device, engine.dtype, engine.options.int4_group())
     n_params = sum(estimate_block_nbytes(spec, 1).values())
     if spec.tie_embeddings:
         n_params -= spec.vocab_size * spec.hidden

@@ -18,6 +18,8 @@ RESIDENT, HOST, DISK = "resident", "host", "disk"
 PLACEMENTS = (RESIDENT, HOST, DISK)
 SCHEDULE_NAMES = ("sequential", "flexgen", "pipo")
 ACTIVATION_RESERVE_FRACTION = 0.10
+PACK_ROW_MULTIPLE = 16  # rows of torch's CPU int4 layout (pipo.ops.int4pack.N_MULTIPLE)
+Q8_NBYTES_PER_32 = 34  # a GGUF Q8_0 block: fp16 scale + 32 int8 codes (pipo.io.q8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,30 +208,44 @@ def _checked_schedule(schedule: str) -> str:
     return schedule
 
 
-def estimate_block_nbytes(spec: ModelSpec, dtype_nbytes: int, int4_group: int | None = None
+def estimate_block_nbytes(spec: ModelSpec, dtype_nbytes: int, int4_group: int | None = None, *,
+                          cpu_packed: bool = False, q8: frozenset[str] = frozenset()
                           ) -> dict[str, int]:
-    """Bytes each block takes in memory, from the architecture alone (no file read).
+    """Bytes each block takes in memory as placed (:mod:`pipo.engine.weights`), from the
+    architecture alone (no file read).
 
     With ``int4_group``, the attention and MLP matrices count 4 bits per weight plus an fp16 scale
     and min per group; embeddings, norms, biases and the LM head stay at ``dtype_nbytes``.
+    ``cpu_packed`` (the CPU 4-bit path, torch's int4 layout): int4 rows pad to a multiple of 16,
+    norms stay fp32, and of ``q8`` (the names among ``tok`` / ``w_out`` the source holds as
+    GGUF Q8_0) the embedding stays Q8_0 and the head is packed as two 4-bit halves.
     """
     h, hd = spec.hidden, spec.head_dim
     q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
-    norm = h * (2 if spec.family == "opt" else 1)
+    norm = h * (2 if spec.family == "opt" else 1) * (4 if cpu_packed else dtype_nbytes)
 
     def matrix(out_f: int, in_f: int) -> int:
         if not int4_group:
             return out_f * in_f * dtype_nbytes
+        if cpu_packed:
+            out_f += -out_f % PACK_ROW_MULTIPLE
         return out_f * in_f // 2 + out_f * -(-in_f // int4_group) * 4
 
-    attn = matrix(q_out, h) + 2 * matrix(kv_out, h) + matrix(h, q_out) + norm * dtype_nbytes
+    attn = matrix(q_out, h) + 2 * matrix(kv_out, h) + matrix(h, q_out) + norm
     attn += (q_out + 2 * kv_out + h) * dtype_nbytes if spec.attention_bias else 0
     n_up = 1 if spec.family == "opt" else 2
-    mlp = n_up * matrix(spec.ffn, h) + matrix(h, spec.ffn) + norm * dtype_nbytes
+    mlp = n_up * matrix(spec.ffn, h) + matrix(h, spec.ffn) + norm
     mlp += (spec.ffn + h) * dtype_nbytes if spec.mlp_bias else 0
-    embed = spec.vocab_size * h * dtype_nbytes
+    table = spec.vocab_size * h
+    kept = q8 if cpu_packed else frozenset()
+    embed = table * Q8_NBYTES_PER_32 // 32 if "tok" in kept else table * dtype_nbytes
     embed += (spec.max_positions + 2) * h * dtype_nbytes if spec.family == "opt" else 0
-    sizes = {"embed": embed, "head": spec.vocab_size * h * dtype_nbytes + norm * dtype_nbytes}
+    if "w_out" in kept:  # two 4-bit halves along 2*hidden, bf16 scale and zero per 32
+        rows = spec.vocab_size + -spec.vocab_size % PACK_ROW_MULTIPLE
+        out = rows * h + rows * (2 * h // 32) * 4
+    else:
+        out = table * dtype_nbytes
+    sizes = {"embed": embed, "head": out + norm}
     for layer in range(spec.n_layers):
         sizes[f"L{layer}.attn"], sizes[f"L{layer}.mlp"] = attn, mlp
     return sizes

@@ -21,12 +21,12 @@ from pipo.engine.kv import KVCache
 from pipo.engine.loop import Generation, decode_loop
 from pipo.engine.options import EngineOptions
 from pipo.engine.steps import step_io
-from pipo.engine.weights import PlacedWeights, store_is_int4
+from pipo.engine.weights import PlacedWeights, placed_sizes, store_is_int4
 from pipo.errors import GenerationError, PlanError
 from pipo.ops.rope import rope_tables
 from pipo.ops.sampling import SamplingParams
 from pipo.ops.traits import traits_for
-from pipo.plan import DISK, Plan, estimate_block_nbytes, fixed_plan, make_plan
+from pipo.plan import DISK, Plan, fixed_plan, make_plan
 from pipo.runtime.scheduler import Program, Runtime
 
 
@@ -63,7 +63,7 @@ class Engine:
                             "convert the store with `pipo convert ... --weights int4`")
         if o.device_memory is not None or o.host_memory is not None:
             return self._planned(batch, max_len)
-        sizes = estimate_block_nbytes(self.spec, self.dtype.itemsize, o.int4_group())
+        sizes = placed_sizes(self.source, self.device, self.dtype, o.int4_group())
         schedule = o.schedule or "pipo"
         # flexgen keeps three KV slots busy per step (save m-1, compute m, load m+1)
         n_kv_slots = o.n_kv_slots or (3 if schedule == "flexgen" else 2)

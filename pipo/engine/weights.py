@@ -89,6 +89,26 @@ def _converted(tensors: dict, dtype: torch.dtype, int4_group: int | None,
     return out
 
 
+def cpu_packs(device: torch.device, dtype: torch.dtype, int4_group: int | None) -> bool:
+    """Whether int4 weights go into torch's CPU int4 layout (the CPU 4-bit path): torch's kernel
+    computes in bf16, so int4 with fp32 compute keeps the exact numba path."""
+    return bool(int4_group) and device.type == "cpu" and dtype == torch.bfloat16
+
+
+def kept_q8(source) -> frozenset[str]:
+    """The names among :data:`Q8_KEPT` that ``source`` returns as Q8_0 records."""
+    return frozenset(getattr(source, "kept_q8_names", ()))
+
+
+def placed_sizes(source, device: torch.device, dtype: torch.dtype, int4_group: int | None
+                 ) -> dict[str, int]:
+    """:func:`~pipo.plan.estimate_block_nbytes` of the blocks :class:`PlacedWeights` places for
+    ``source`` with these options (a kept Q8_0 embedding and head counted as kept)."""
+    packed = cpu_packs(device, dtype, int4_group)
+    return estimate_block_nbytes(source.spec, dtype.itemsize, int4_group, cpu_packed=packed,
+                                 q8=kept_q8(source) if packed else frozenset())
+
+
 class PlacedWeights:
     """Owns every weight tensor of a run and the slot buffers streamed blocks pass through.
 
@@ -100,8 +120,7 @@ class PlacedWeights:
                  int4_group: int | None = None, registrar: PinRegistrar | None = None):
         self.source, self.plan, self.device, self.dtype = source, plan, device, dtype
         self.int4_group = int4_group
-        # torch's CPU int4 layout computes in bf16; int4 with fp32 compute keeps the exact numba path
-        self.cpu_packed = bool(int4_group) and device.type == "cpu" and dtype == torch.bfloat16
+        self.cpu_packed = cpu_packs(device, dtype, int4_group)
         self.resident: dict[str, dict] = {}
         self.host: dict[str, tuple[torch.Tensor, BlockLayout]] = {}
         self.layouts: dict[str, BlockLayout] = {}
@@ -128,8 +147,7 @@ class PlacedWeights:
     def _host_reserve_nbytes(self) -> int:
         """Upper bound of the host arena: the host blocks' estimated sizes, per-tensor alignment
         slack and the staging buffers (reserved address space only; an overrun maps more)."""
-        spec = self.source.spec
-        sizes = estimate_block_nbytes(spec, self.dtype.itemsize, self.int4_group)
+        sizes = placed_sizes(self.source, self.device, self.dtype, self.int4_group)
         host = [b for b, tier in self.plan.placement if tier == HOST]
         nbytes = sum(sizes[b] + (64 << 10) for b in host)
         if self.plan.staged_disk and self._has_disk():

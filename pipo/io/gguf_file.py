@@ -168,6 +168,14 @@ class GGUFFile:
         int4 = bool(layers) and all(t.type_name in ("Q4_0", "Q4_1") for t in layers)
         return quant.GGUF_BLOCK if int4 else None
 
+    @property
+    def kept_q8_names(self) -> frozenset[str]:
+        """The embedding / head tensors (``tok``, ``w_out``) that come back as Q8_0 records."""
+        if not self.keep_quant:
+            return frozenset()
+        return frozenset(name for block in ("embed", "head") for name, t in self._layout[block].items()
+                         if name in ("tok", "w_out") and self._kept_type(t, True) == "Q8_0")
+
     def block_nbytes(self, block: str, keep_quant: bool | None = None) -> int:
         """Bytes :meth:`read_block` returns: 4 per value, or the kept record's bytes."""
         keep = self.keep_quant if keep_quant is None else keep_quant

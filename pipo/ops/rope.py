@@ -56,7 +56,7 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [b, heads, t, head_dim] by angles already gathered at its positions.
 
-    ``cos``/``sin`` [b, 1, t, head_dim] in x's dtype (see ``layers.attention_inputs``).
+    ``cos``/``sin`` broadcastable to x, in its dtype (see ``pipo.ops.rows.row_attention_inputs``).
     """
     x1, x2 = x.chunk(2, dim=-1)                                        # 2 x [b, heads, t, head_dim/2]
     rotated = torch.cat([-x2, x1], dim=-1)                             # [b, heads, t, head_dim]

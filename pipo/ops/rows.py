@@ -9,18 +9,21 @@ any padding; only attention lays the real tokens out per row, ``[R, t_max]`` (``
 the step, ``t_max`` = most tokens of one row), against each row's own cache prefix, with a mask
 from the query positions: key slot ``j`` is visible to a query at position ``p`` iff ``j <= p``.
 
-KV cache layout as in :mod:`pipo.ops.layers`: ``[rows, n_kv_heads, capacity, head_dim]``.
+KV cache layout: ``[rows, n_kv_heads, capacity, head_dim]`` per layer, one for k and one for v.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from pipo.io.spec import ModelSpec
-from pipo.ops.layers import _grouped_attention, _rotated_heads, norm
+from pipo.ops.layers import norm
 from pipo.ops.linear import linear
+from pipo.ops.rope import apply_rope
 from pipo.ops.traits import traits_for
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -146,3 +149,45 @@ def row_attention_block(w: dict, x: torch.Tensor, k_cache: torch.Tensor, v_cache
     if n < t:
         packed = torch.cat([packed, packed.new_zeros(t - n, nh, hd)])  # [T, nh, hd]
     return x + linear(packed.reshape(1, t, nh * hd), w["wo"], w.get("bo"))  # [1, T, hidden]
+
+
+def _rotated_heads(w: dict, h: torch.Tensor, prep: RowAttentionInputs, nh: int, nkv: int,
+                   hd: int) -> tuple[torch.Tensor, ...]:
+    """q, k (rope applied) and v of h [b, t, hidden] as [b, heads, t, hd] views.
+
+    With one fused ``wqkv`` the q and k heads are rotated together, in one pass over the product's
+    [b, t, nh + nkv, hd] slice (the same elementwise math as rotating each, in half the ops).
+    """
+    b, t, _ = h.shape
+    cos = sin = None
+    if prep.cos is not None:
+        cos, sin = prep.cos.transpose(1, 2), prep.sin.transpose(1, 2)  # [b, t, 1, hd]
+    if "wqkv" in w:
+        heads = linear(h, w["wqkv"], w.get("bqkv")).view(b, t, nh + 2 * nkv, hd)  # [b, t, heads, hd]
+        qk, v = heads[:, :, :nh + nkv], heads[:, :, nh + nkv:]           # [b, t, nh+nkv | nkv, hd]
+        if cos is not None:
+            qk = apply_rope(qk, cos, sin)                                # [b, t, nh+nkv, hd]
+        q, k = qk[:, :, :nh], qk[:, :, nh:]                              # [b, t, nh | nkv, hd]
+    else:
+        q, k, v = (linear(h, w[f"w{n}"], w.get(f"b{n}")).view(b, t, -1, hd) for n in "qkv")
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)      # [b, t, nh | nkv, hd]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # [b, heads, t, hd]
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with grouped kv heads, scale 1/sqrt(head_dim), without copying k/v.
+
+    q [b, nh, t, hd], k/v [b, nkv, T, hd], mask [b, 1, group*t, T] -> [b, nh, t, hd]. The nh/nkv
+    query heads sharing a kv head are folded into the query-length axis, so every SDPA backend sees
+    plain multi-head attention over the cache as it is (no repeat of a possibly long cache).
+    """
+    b, nh, t, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(b, nkv, (nh // nkv) * t, hd)                        # [b, nkv, group*t, hd]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask,
+                                         scale=1.0 / math.sqrt(hd))     # [b, nkv, group*t, hd]
+    return out.reshape(b, nh, t, hd)                                   # [b, nh, t, hd]

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import astuple
 
 from pipo.io.spec import ModelSpec, block_layer, block_part
@@ -33,15 +33,16 @@ OPS_PER_PART = {"embed": 1, "attn": 6, "mlp": 3, "head": 2}
 
 
 def compute_features(spec: ModelSpec, part: str, rows: int, t: int, context: int,
-                     dtype_nbytes: int, int4_group: int | None) -> list[float]:
+                     dtype_nbytes: int, int4_group: int | None,
+                     sizes: Mapping[str, int] | None = None) -> list[float]:
     """The features of one block compute, in :class:`ComputeFit` field order: operations, weight
     bytes read, 2·tokens·weights, 2·tokens·context·query width (attention), tokens·hidden.
 
     ``rows`` sequences of ``t`` new tokens each, attending over ``context`` positions; the head runs
-    on each row's last token only.
+    on each row's last token only. ``sizes``: the placed block sizes, when not the plain estimate.
     """
     block = {"embed": "embed", "head": "head"}.get(part, f"L0.{part}")
-    weight_nbytes = estimate_block_nbytes(spec, dtype_nbytes, int4_group)[block]
+    weight_nbytes = (sizes or estimate_block_nbytes(spec, dtype_nbytes, int4_group))[block]
     n_weights = estimate_block_nbytes(spec, 1)[block]
     tokens = rows if part == "head" else rows * t
     if part == "embed":
@@ -59,9 +60,11 @@ def link_bps(profile: Profile, to_device: bool, cap_bps: float | None = None) ->
 
 def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int, t: int,
                    dtype_nbytes: int, int4_group: int | None = None,
-                   cap_bps: float | None = None) -> Callable[[Task], float]:
-    """``duration(task) -> seconds`` for one step that writes positions ``start .. start+t-1``."""
-    sizes = estimate_block_nbytes(spec, dtype_nbytes, int4_group)
+                   cap_bps: float | None = None,
+                   sizes: Mapping[str, int] | None = None) -> Callable[[Task], float]:
+    """``duration(task) -> seconds`` for one step that writes positions ``start .. start+t-1``;
+    ``sizes``: the placed block sizes (default: :func:`~pipo.plan.estimate_block_nbytes`)."""
+    sizes = sizes or estimate_block_nbytes(spec, dtype_nbytes, int4_group)
     h2d, d2h = link_bps(profile, True, cap_bps), link_bps(profile, False, cap_bps)
     kv_per_pos = 2 * spec.n_kv_heads * spec.head_dim * dtype_nbytes  # K and V of one row, 1 layer
     fit = astuple(profile.compute)
@@ -74,7 +77,8 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
     def compute_s(task: Compute) -> float:
         key = (block_part(task.block), rows(task.micro))
         if key not in cache:
-            feats = compute_features(spec, key[0], key[1], t, start + t, dtype_nbytes, int4_group)
+            feats = compute_features(spec, key[0], key[1], t, start + t, dtype_nbytes, int4_group,
+                                     sizes)
             cache[key] = sum(c * f for c, f in zip(fit, feats, strict=True))
         return cache[key]
 

@@ -25,13 +25,17 @@ from pipo.planner.search import (
 def request_for(engine, batch: int, max_len: int, prompt_len: int | None = None,
                 new_tokens: int | None = None) -> Request:
     """The planner's :class:`Request` for ``engine``: by default half the length is the prompt."""
+    from pipo.engine.weights import cpu_packs, kept_q8
+
     o, on_cpu = engine.options, engine.device.type == "cpu"
     prompt_len = prompt_len or max(1, max_len // 2)
     new_tokens = new_tokens or max(1, max_len - prompt_len)
     return Request(engine.spec, batch, max_len, prompt_len, new_tokens,
                    dtype_nbytes=engine.dtype.itemsize, group_size=o.group_size,
                    has_store=o.offload_tier(engine.source) == DISK, kv_disk_ok=on_cpu,
-                   device_is_host=on_cpu, staged_disk=o.stage_disk_reads())
+                   device_is_host=on_cpu, staged_disk=o.stage_disk_reads(),
+                   int4_packed=cpu_packs(engine.device, engine.dtype, o.group_size),
+                   q8=kept_q8(engine.source))
 
 
 def caps_for(engine) -> Caps:

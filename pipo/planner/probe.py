@@ -5,9 +5,11 @@
 - Disk: sequential ``O_DIRECT`` reads of a scratch file on the file system of ``disk_dir`` (the
   store's), page cache bypassed; a file system that refuses ``O_DIRECT`` is read after
   ``POSIX_FADV_DONTNEED``.
-- Compute: pipo's own block functions (:mod:`pipo.ops.layers`) on random blocks of three llama
-  shapes (a 135M-class one and two wider ones whose weights exceed a CPU cache) at a few token counts and context lengths; a non-negative least-squares fit of
-  :class:`~pipo.planner.profile.ComputeFit` (:mod:`pipo.planner.costs` has the features).
+- Compute: the blocks as the engine runs them (:mod:`pipo.ops.layers`; attention over packed
+  rows, :mod:`pipo.ops.rows`) on random blocks of three llama shapes (a 135M-class one and two
+  wider ones whose weights exceed a CPU cache) at a few token counts and context lengths; a
+  non-negative least-squares fit of :class:`~pipo.planner.profile.ComputeFit`
+  (:mod:`pipo.planner.costs` has the features).
 - Overheads: the scheduler running a chain of no-op tasks on the loop's lane and on a thread's
   lane (per task), and the host's per-step work (logits to host, greedy sampling).
 Every time is the median of a few repeats, so a profile taken on a shared machine carries that
@@ -176,21 +178,24 @@ def _random_blocks(spec: ModelSpec, dev: torch.device, dtype: torch.dtype) -> di
 
 
 def _block_call(spec, part, w, b, t, context, dev, dtype):
+    """A no-argument call of one block as the engine runs it: ``b`` rows of ``t`` new tokens each,
+    packed 1-D (:mod:`pipo.ops.rows`), attention spanning ``context`` positions per row."""
     from pipo.ops import layers
+    from pipo.ops.rope import rope_tables
+    from pipo.ops.rows import pack_rows, row_attention_block, row_attention_inputs
 
-    x = torch.randn(b, t, spec.hidden, device=dev, dtype=dtype)
+    x = torch.randn(1, b * t, spec.hidden, device=dev, dtype=dtype)   # [1, b*t, hidden] packed
     if part == "mlp":
         return lambda: layers.mlp_block(w, x, spec)
     if part == "head":
-        return lambda: layers.head(w, x[:, -1], spec)
-    k = torch.zeros(b, spec.n_kv_heads, context + t, spec.head_dim, device=dev, dtype=dtype)
+        return lambda: layers.head(w, x[0, t - 1::t], spec)            # each row's last token
+    start = max(context - t, 0)
+    trash = start + t  # the cache's last slot, as pipo.engine.kv lays it out
+    rows = pack_rows([(row, start, t) for row in range(b)], b * t, trash, b).to(lambda v: v.to(dev))
+    k = torch.zeros(b, spec.n_kv_heads, trash + 1, spec.head_dim, device=dev, dtype=dtype)
     v = torch.zeros_like(k)
-    start = context - t if context >= t else 0
-    mask = torch.ones(b, start + t, dtype=torch.bool, device=dev)
-    positions = torch.arange(start, start + t, device=dev).expand(b, t)
-    rope = layers.rope_tables(spec, start + t, dev, dtype)
-    prep = layers.attention_inputs(mask, start, t, positions, spec, rope, dtype)
-    return lambda: layers.attention_block(w, x, k, v, start, positions, mask, spec, rope, prep)
+    prep = row_attention_inputs(rows, spec, rope_tables(spec, trash, dev, dtype), dtype)
+    return lambda: row_attention_block(w, x, k, v, prep, spec)
 
 
 def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -51,7 +51,9 @@ class Request:
     ``dtype_nbytes``: compute dtype size; ``group_size``: int4 group if int4 is chosen;
     ``has_store``: the model is an offload store (a disk tier exists); ``kv_disk_ok``: a disk KV
     file is possible (CPU only); ``device_is_host``: the device is the CPU (its memory counts
-    against the host cap too); ``staged_disk``: disk reads pass through host staging buffers.
+    against the host cap too); ``staged_disk``: disk reads pass through host staging buffers;
+    ``int4_packed``: int4 weights go into torch's CPU int4 layout (the CPU 4-bit path), keeping the
+    ``q8`` embedding / head names as Q8_0 (see :func:`pipo.plan.estimate_block_nbytes`).
     """
 
     spec: ModelSpec
@@ -65,6 +67,8 @@ class Request:
     kv_disk_ok: bool = True
     device_is_host: bool = True
     staged_disk: bool = False
+    int4_packed: bool = False
+    q8: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,9 @@ class _Search:
         from pipo.plan import estimate_block_nbytes
 
         r = self.request
-        return estimate_block_nbytes(r.spec, r.dtype_nbytes, r.group_size if int4 else None)
+        packed = int4 and r.int4_packed
+        return estimate_block_nbytes(r.spec, r.dtype_nbytes, r.group_size if int4 else None,
+                                     cpu_packed=packed, q8=r.q8 if packed else frozenset())
 
     def _plan(self, c: dict) -> Plan | None:
         """The plan of candidate ``c`` with tiers fitted to both caps, or ``None``."""
@@ -266,11 +272,12 @@ class _Search:
                        staged_disk=r.staged_disk and any(t == DISK for _, t in placement))
 
     def _score(self, plan: Plan, int4: bool) -> Choice:
-        r = self.request
+        r, sizes = self.request, self._sizes(int4)
         est = estimate(r.spec, plan, self.profile, prompt_len=r.prompt_len,
                        new_tokens=r.new_tokens, dtype_nbytes=r.dtype_nbytes,
-                       int4_group=r.group_size if int4 else None, link_bps=self.caps.link_bps)
-        memory = memory_per_tier(plan, self._sizes(int4), r)
+                       int4_group=r.group_size if int4 else None, link_bps=self.caps.link_bps,
+                       sizes=sizes)
+        memory = memory_per_tier(plan, sizes, r)
         return Choice(plan, int4, est, tuple(memory.items()))
 
     def result(self, best: dict) -> PlannerResult:

@@ -3,9 +3,10 @@
 - :data:`CASES` builds a tiny Hugging Face model per family variant (fp32, fixed seed).
 - :func:`spec_from_config` / :func:`blocks_from_model` are a minimal test-side stand-in for the real
   readers in ``pipo.io`` (HF config -> ModelSpec, HF parameter names -> canonical block dicts).
-- :func:`pipo_generate` composes the pipo.ops layer functions the way the engine does (padded batch,
-  prefill, then one token per step into the KV caches); :func:`hf_generate` runs transformers on one
-  unpadded prompt, recomputing the whole sequence each step, as the reference.
+- :func:`pipo_generate` composes the pipo.ops layer functions the way the engine does (each step's
+  tokens packed 1-D per row and padded to a bucket, :mod:`pipo.ops.rows`; prefill, then one token
+  per row and step into the per-row KV caches); :func:`hf_generate` runs transformers on one
+  prompt, recomputing the whole sequence each step, as the reference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
                           OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from pipo.io.spec import ModelSpec, RopeScaling, block_layer, block_part
-from pipo.ops.layers import attention_block, embed, head, mlp_block, positions_from_mask, rope_tables
+from pipo.ops.layers import embed, head, mlp_block
+from pipo.ops.rope import rope_tables
+from pipo.ops.rows import PackedRows, pack_rows, row_attention_block, row_attention_inputs
 from pipo.ops.sampling import SamplingParams, sample
 from pipo.ops.traits import block_tensor_names
 
@@ -114,41 +117,45 @@ def blocks_from_model(model, spec: ModelSpec) -> dict[str, dict[str, torch.Tenso
     return blocks
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [b, T], mask [b, T] bool) with every prompt right-aligned behind pad_id."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])   # [b, T]
-    mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])  # [b, T]
-    return ids, mask
+def packed_step(tokens: list[list[int]], starts: list[int], pad: int, trash: int
+                ) -> tuple[torch.Tensor, PackedRows, torch.Tensor]:
+    """(ids [1, T], PackedRows, index [b] of each row's last token) for one step: row i's
+    ``tokens[i]`` at positions ``starts[i]..``, then ``pad`` padding tokens (id 0, KV to ``trash``)."""
+    feed = [(row, start, len(seq)) for row, (start, seq) in enumerate(zip(starts, tokens))]
+    flat = [i for seq in tokens for i in seq]
+    rows = pack_rows(feed, len(flat) + pad, trash, len(tokens))
+    ids = torch.tensor([flat + [0] * pad])                             # [1, T]
+    last = torch.tensor([len(seq) for seq in tokens]).cumsum(0) - 1    # [b]
+    return ids, rows, last
 
 
 def pipo_generate(spec: ModelSpec, blocks: dict, prompts: list[list[int]], n_new: int,
-                  params: SamplingParams = SamplingParams(), dtype: torch.dtype = torch.float32):
+                  params: SamplingParams = SamplingParams(), dtype: torch.dtype = torch.float32,
+                  pad: int = 3):
     """Generate n_new tokens per prompt the engine's way: (tokens [b, n_new], [logits [b, V]] * n_new).
 
     ``dtype`` is the compute dtype: the caller passes ``blocks`` already in it, as the engine does.
-    Also returns the KV caches so tests can check that pad slots stayed finite.
+    Every step is padded with ``pad`` tokens whose KV goes to the trash slot (the caches' last);
+    also returns the KV caches so tests can check that the trash slot stayed finite.
     """
-    ids, mask = left_pad(prompts)                                      # [b, T] each
-    b, width = ids.shape
-    capacity = width + n_new
-    shape = (b, spec.n_kv_heads, capacity, spec.head_dim)
+    b, trash = len(prompts), max(len(p) for p in prompts) + n_new
+    shape = (b, spec.n_kv_heads, trash + 1, spec.head_dim)
     caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
               for _ in range(spec.n_layers)]
     rope = rope_tables(spec, spec.max_positions)
-    start, tokens, all_logits = 0, [], []
+    feed, starts, tokens, all_logits = [list(p) for p in prompts], [0] * b, [], []
     for _ in range(n_new):
-        positions = positions_from_mask(mask)[:, start:]               # [b, t]
-        x = embed(blocks["embed"], ids, positions, spec)               # [b, t, hidden]
+        ids, rows, last = packed_step(feed, starts, pad, trash)
+        prep = row_attention_inputs(rows, spec, rope, dtype)
+        x = embed(blocks["embed"], ids, rows.positions[None], spec)   # [1, T, hidden]
         for layer, (k_cache, v_cache) in enumerate(caches):
-            x = attention_block(blocks[f"L{layer}.attn"], x, k_cache, v_cache, start, positions,
-                                mask, spec, rope)                      # [b, t, hidden]
-            x = mlp_block(blocks[f"L{layer}.mlp"], x, spec)            # [b, t, hidden]
-        logits = head(blocks["head"], x[:, -1], spec)                  # [b, V]
-        start += ids.shape[1]
-        ids = sample(logits, params)[:, None]                          # [b, 1]
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool)], dim=1)  # [b, start+1]
-        tokens.append(ids)
+            x = row_attention_block(blocks[f"L{layer}.attn"], x, k_cache, v_cache, prep, spec)
+            x = mlp_block(blocks[f"L{layer}.mlp"], x, spec)            # [1, T, hidden]
+        logits = head(blocks["head"], x[0, last], spec)                # [b, V]
+        starts = [s + len(f) for s, f in zip(starts, feed)]
+        new = sample(logits, params)                                   # [b]
+        feed = [[int(i)] for i in new]
+        tokens.append(new[:, None])
         all_logits.append(logits)
     return torch.cat(tokens, dim=1), all_logits, caches
 

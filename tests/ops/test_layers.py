@@ -1,7 +1,8 @@
 """pipo.ops layer functions against transformers, on tiny random models of every family.
 
-The pipo side runs a left-padded batch of two prompts (prefill, then one token per step through the
-KV caches); the reference runs transformers on each prompt alone, without padding or cache.
+The pipo side runs two prompts of different lengths packed per row as the engine does (padded to a
+bucket; prefill, then one token per row and step through the per-row KV caches); the reference
+runs transformers on each prompt alone, without padding or cache.
 """
 
 import pytest
@@ -11,8 +12,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pipo.errors import ModelFormatError
 from pipo.io.spec import ModelSpec, RopeScaling
-from pipo.ops.layers import attention_mask, positions_from_mask, rope_tables
 from pipo.ops.linear import linear
+from pipo.ops.rope import rope_tables
+from pipo.ops.rows import pack_rows, row_attention_inputs
 from pipo.ops.traits import TRAITS, block_tensor_names, traits_for
 
 from .reference import CASES, LLAMA3_ROPE, build_case, hf_generate, pipo_generate, spec_from_config
@@ -31,7 +33,7 @@ def test_forward_matches_transformers(case):
         assert tokens[row].tolist() == want_tokens.tolist()
         for step in range(N_NEW):
             torch.testing.assert_close(logits[step][row], want_logits[step], atol=1e-4, rtol=0)
-    for k_cache, v_cache in caches:  # pad slots hold finite values: no NaN leaks into later layers
+    for k_cache, v_cache in caches:  # padding's trash slot holds finite values: no NaN leaks
         assert torch.isfinite(k_cache).all() and torch.isfinite(v_cache).all()
 
 
@@ -77,17 +79,25 @@ def test_llama3_scaling_touches_only_slow_frequencies():
     assert not torch.allclose(plain[:, 7], scaled[:, 7])   # slowest frequency divided by the factor
 
 
-def test_positions_from_mask_left_padding():
-    mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
-    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+def test_pack_rows_positions_per_row_and_padding():
+    rows = pack_rows([(0, 0, 3), (2, 5, 1)], bucket=6, trash=9, n_rows=3)
+    assert rows.positions.tolist() == [0, 1, 2, 5, 0, 0]
+    assert rows.kv_row.tolist() == [0, 0, 0, 2, 0, 0]
+    assert rows.kv_slot.tolist() == [0, 1, 2, 5, 9, 9]       # padding writes the trash slot
+    assert rows.step_rows.tolist() == [0, 2] and not rows.all_rows and rows.end == 6
+    assert rows.query_pos.tolist() == [[0, 1, 2], [5, 0, 0]]
 
 
-def test_attention_mask_causal_padding_and_own_slot():
-    key_mask = torch.tensor([[False, True, True]])
-    m = attention_mask(key_mask, start=0, t=3)[0, 0]
-    assert m.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
-    decode = attention_mask(torch.tensor([[False, True, True, True]]), start=3, t=1)[0, 0]
-    assert decode.tolist() == [[False, True, True, True]]
+def test_row_attention_mask_sees_slots_up_to_each_query_position_per_row():
+    spec = _tiny_spec()  # 4 query heads on 2 KV heads: each mask row repeats per head of a group
+    rows = pack_rows([(0, 0, 3), (1, 2, 1)], bucket=4, trash=7, n_rows=2)
+    mask = row_attention_inputs(rows, spec, None, torch.float32).mask
+    assert mask.shape == (2, 1, 2 * 3, 3)
+    prefill = [[True, False, False], [True, True, False], [True, True, True]]
+    decode = [[True, True, True], [True, False, False], [True, False, False]]  # unused: position 0
+    assert mask[0, 0].tolist() == prefill * 2 and mask[1, 0].tolist() == decode * 2
+    keys, pos = torch.arange(rows.end), rows.query_pos            # the rule, for every row
+    assert torch.equal(mask[:, 0, :3], keys[None, None] <= pos[:, :, None])
 
 
 def test_linear_dense():

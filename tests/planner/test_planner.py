@@ -151,3 +151,16 @@ def test_allow_int4_lets_the_engine_switch_to_int4_weights(tmp_path, monkeypatch
         assert engine.options.weights == "int4"
         assert engine._weights.int4_group == engine.options.group_size
     assert len(result.tokens[0]) == 3
+
+
+def test_the_cpu_4bit_path_plans_with_its_kept_q8_embedding_and_head():
+    spec = ModelSpec("llama", vocab_size=20000, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                     head_dim=16, ffn=256, max_positions=1024)
+    base = Request(spec, 1, 48, 32, 16, dtype_nbytes=2, group_size=32)
+    packed = Request(spec, 1, 48, 32, 16, dtype_nbytes=2, group_size=32, int4_packed=True,
+                     q8=frozenset({"tok", "w_out"}))
+    pins, caps = Pins(int4=True, tier=RESIDENT), Caps(allow_int4=True)
+    dense_ends, kept = (dict(plan_run(r, caps, PROFILE, pins).best.memory) for r in (base, packed))
+    table = spec.vocab_size * spec.hidden  # the bf16 embedding and head, 2 bytes a value each
+    saved = 2 * table * 2 - (table * 34 // 32 + table * 5 // 4)  # Q8_0 table; head as 2 int4 halves
+    assert dense_ends["resident"] - kept["resident"] == pytest.approx(saved, rel=0.01)
