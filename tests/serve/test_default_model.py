@@ -1,5 +1,8 @@
 """``pipo serve`` on the default model (SmolLM2-135M-Instruct): concurrent chat requests of
-different lengths, streamed and not, each equal to its prompt generated alone (greedy)."""
+different lengths, streamed and not, each equal to its prompt generated alone (greedy).
+
+Dense fp32 (``dtype="float32"``): the CPU default, the 4-bit path in bf16, rounds differently for
+different batch shapes, so a shared step may pick another token where two are nearly tied."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def default_engine():
     from pipo.cli_options import open_engine_with
     from pipo.engine import EngineOptions
 
-    with open_engine_with(None, EngineOptions()) as engine:
+    with open_engine_with(None, EngineOptions(dtype="float32")) as engine:
         yield engine
 
 
