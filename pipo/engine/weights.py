@@ -226,10 +226,15 @@ class PlacedWeights:
         self._fill(slot, block, self._streamed(tensors))
 
     def _streamed(self, tensors: dict) -> dict:
-        """A block read from the store as computed on: cast, and on the CPU 4-bit path repacked
-        into torch's int4 layout (new memory; the slot is free again once this returns)."""
+        """A block read from the store as computed on: cast; int4 and Q8_0 records stay views of the
+        slot as stored. On the CPU 4-bit path they are multiplied by numba kernels that read that
+        layout (:class:`~pipo.ops.int4pack.StoredInt4`, ``pipo.io.q8.q8_linear``): repacking them for
+        torch's int4 kernel on every load costs more than the disk read (RESULTS.md, issue 14)."""
         converted = _converted(tensors, self.dtype, None, self.cpu_packed)
-        return {k: _packed(k, v) for k, v in converted.items()} if self.cpu_packed else converted
+        if not self.cpu_packed:
+            return converted
+        return {k: int4pack.stored_int4(v) if isinstance(v, QuantTensor) else v
+                for k, v in converted.items()}
 
     def _fill(self, slot: int, block: str, tensors: dict) -> None:
         self.slot_views[slot], self.slot_holds[slot] = tensors, block
