@@ -108,6 +108,7 @@ class PlacedWeights:
         self.arena = HostArena(self._host_reserve_nbytes(),
                                registrar if registrar is not None else memory.default_registrar(device),
                                name="weights")
+        self.row_tables = self._row_tables()
         self.holds_int4 = False
         self.int4_workspace: int4_dispatch.Int4Workspace | None = None  # CUDA only
         for block, tier in plan.placement:
@@ -135,6 +136,19 @@ class PlacedWeights:
         if self.plan.staged_disk and self._has_disk():
             nbytes += self.plan.n_weight_slots * (self.source.max_block_nbytes + DISK_ALIGN_NBYTES)
         return nbytes
+
+    def _row_tables(self) -> dict[str, dict]:
+        """Disk-tier embedding blocks read by rows instead of whole (CPU 4-bit path, a store's Q8_0
+        table alone in its block): ``{block: {"tok": StoredRows}}``. Their load tasks read nothing;
+        the embedding compute reads its tokens' rows (~8 KB a step instead of the 30 MB table)."""
+        if not self.cpu_packed or not hasattr(self.source, "table_rows"):
+            return {}
+        tables = {}
+        for block, tier in self.plan.placement:
+            rows = self.source.table_rows(block, "tok") if tier == DISK and block == "embed" else None
+            if rows is not None:
+                tables[block] = {"tok": rows}
+        return tables
 
     def _streams(self) -> bool:
         return any(tier != RESIDENT for _, tier in self.plan.placement)
@@ -206,13 +220,17 @@ class PlacedWeights:
         self._fill(slot, block, views(target, layout))
 
     async def read_staged(self, block: str, staging: int) -> None:
-        """Read ``block`` from the offload store into host staging buffer ``staging``."""
+        """Read ``block`` from the offload store into host staging buffer ``staging`` (a table read
+        by rows: nothing)."""
         self.staging_holds[staging] = None
-        self.staging_views[staging] = await self.source.read_block_into(block, self.staging[staging])
+        if block not in self.row_tables:
+            self.staging_views[staging] = await self.source.read_block_into(block, self.staging[staging])
         self.staging_holds[staging] = block
 
     def _load_staged(self, block: str, slot: int) -> None:
         staging = self.staging_holds.index(block)  # ValueError here means a missing graph edge
+        if block in self.row_tables:
+            return self._fill(slot, block, self.row_tables[block])
         source = self.staging[staging]
         nbytes = self.source.block_nbytes(block)
         target = self.slots[slot][:nbytes]
@@ -221,7 +239,10 @@ class PlacedWeights:
         self._fill(slot, block, self._streamed(tensors))
 
     async def load_from_disk(self, block: str, slot: int) -> None:
-        """Read ``block`` from the offload store straight into weight ``slot``."""
+        """Read ``block`` from the offload store straight into weight ``slot`` (a table read by
+        rows: nothing; its rows are read when the embedding is computed)."""
+        if block in self.row_tables:
+            return self._fill(slot, block, self.row_tables[block])
         tensors = await self.source.read_block_into(block, self.slots[slot])
         self._fill(slot, block, self._streamed(tensors))
 
