@@ -113,3 +113,24 @@ def test_cpu_4bit_store_streamed_from_disk_is_close_to_the_resident_packed_path(
             scale = theirs.abs().max().item()
             assert (ours.float() - theirs.float()).abs().max().item() < 0.02 * scale
             assert int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.slow
+def test_smollm2_kept_store_streamed_from_disk_matches_the_resident_4bit_path(tmp_path):
+    """The default model kept 4-bit in a store (Q4_1 blocks, Q8_0 head and embedding): streamed
+    from disk (blocks as stored, the embedding read by rows) it gives the resident packed path's
+    greedy tokens, logits within bf16 rounding through 30 layers."""
+    from pipo.io.store import convert
+
+    store = convert(open_model(None, keep_quant=True), tmp_path / "store", weights="keep")
+    prompt = [[1, 504, 3575, 282, 4649, 314]]
+    with pipo.load(store, placement="resident") as engine:
+        in_ram = engine.generate_ids(prompt, 8, keep_logits=True)
+    with pipo.load(store, placement="disk") as engine:
+        from_disk = engine.generate_ids(prompt, 8, keep_logits=True)
+        table = engine._weights.row_tables["embed"]["tok"]
+        assert 0 < table.nbytes_read < 1 << 20  # rows, not the 30 MB table
+    assert from_disk.tokens == in_ram.tokens
+    for ours, theirs in zip(from_disk.logits, in_ram.logits):
+        scale = theirs.abs().max().item()
+        assert (ours.float() - theirs.float()).abs().max().item() < 0.05 * scale
