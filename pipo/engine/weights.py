@@ -29,7 +29,11 @@ from pipo.runtime.memory import HostArena, PinRegistrar
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 Q8_KEPT = ("tok", "w_out")  # Q8_0 embedding and head stay 8-bit on the CPU 4-bit path
-FP32_KEPT = ("norm_w", "norm_b")  # the CPU 4-bit path normalizes the fp32 residual stream in fp32
+FP32_KEPT = ("norm_w", "norm_b")
+# Streamed block reads: 1 MiB pieces, 8 in flight. Reading a store's blocks in order this way ran at
+# 1.48-1.52 GB/s against 1.22 for the store's default 8 MiB x 4 (int4 store, blocks of 0.7-1.6 MB; raw
+# O_DIRECT 1.35-1.69) and 2.00 against 1.79 on an fp32 store (RESULTS.md, issue 14).
+DISK_CHUNK_NBYTES, DISK_DEPTH = 1 << 20, 8  # the CPU 4-bit path normalizes the fp32 residual stream in fp32
 
 
 def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None,
@@ -224,7 +228,8 @@ class PlacedWeights:
         by rows: nothing)."""
         self.staging_holds[staging] = None
         if block not in self.row_tables:
-            self.staging_views[staging] = await self.source.read_block_into(block, self.staging[staging])
+            self.staging_views[staging] = await self.source.read_block_into(
+                block, self.staging[staging], chunk_nbytes=DISK_CHUNK_NBYTES, depth=DISK_DEPTH)
         self.staging_holds[staging] = block
 
     def _load_staged(self, block: str, slot: int) -> None:
@@ -243,7 +248,8 @@ class PlacedWeights:
         rows: nothing; its rows are read when the embedding is computed)."""
         if block in self.row_tables:
             return self._fill(slot, block, self.row_tables[block])
-        tensors = await self.source.read_block_into(block, self.slots[slot])
+        tensors = await self.source.read_block_into(block, self.slots[slot], chunk_nbytes=DISK_CHUNK_NBYTES,
+                                                    depth=DISK_DEPTH)
         self._fill(slot, block, self._streamed(tensors))
 
     def _streamed(self, tensors: dict) -> dict:
