@@ -29,7 +29,11 @@ from pipo.runtime.memory import HostArena, PinRegistrar
 
 QUANTIZABLE = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 Q8_KEPT = ("tok", "w_out")  # Q8_0 embedding and head stay 8-bit on the CPU 4-bit path
-FP32_KEPT = ("norm_w", "norm_b")  # the CPU 4-bit path normalizes the fp32 residual stream in fp32
+FP32_KEPT = ("norm_w", "norm_b")
+# Streamed block reads: 1 MiB pieces, 8 in flight. Reading a store's blocks in order this way ran at
+# 1.48-1.52 GB/s against 1.22 for the store's default 8 MiB x 4 (int4 store, blocks of 0.7-1.6 MB; raw
+# O_DIRECT 1.35-1.69) and 2.00 against 1.79 on an fp32 store (RESULTS.md, issue 14).
+DISK_CHUNK_NBYTES, DISK_DEPTH = 1 << 20, 8  # the CPU 4-bit path normalizes the fp32 residual stream in fp32
 
 
 def prepare_block(tensors: dict, dtype: torch.dtype, int4_group: int | None,
@@ -127,6 +131,7 @@ class PlacedWeights:
         self.arena = HostArena(self._host_reserve_nbytes(),
                                registrar if registrar is not None else memory.default_registrar(device),
                                name="weights")
+        self.row_tables = self._row_tables()
         self.holds_int4 = False
         self.int4_workspace: int4_dispatch.Int4Workspace | None = None  # CUDA only
         for block, tier in plan.placement:
@@ -153,6 +158,19 @@ class PlacedWeights:
         if self.plan.staged_disk and self._has_disk():
             nbytes += self.plan.n_weight_slots * (self.source.max_block_nbytes + DISK_ALIGN_NBYTES)
         return nbytes
+
+    def _row_tables(self) -> dict[str, dict]:
+        """Disk-tier embedding blocks read by rows instead of whole (CPU 4-bit path, a store's Q8_0
+        table alone in its block): ``{block: {"tok": StoredRows}}``. Their load tasks read nothing;
+        the embedding compute reads its tokens' rows (~8 KB a step instead of the 30 MB table)."""
+        if not self.cpu_packed or not hasattr(self.source, "table_rows"):
+            return {}
+        tables = {}
+        for block, tier in self.plan.placement:
+            rows = self.source.table_rows(block, "tok") if tier == DISK and block == "embed" else None
+            if rows is not None:
+                tables[block] = {"tok": rows}
+        return tables
 
     def _streams(self) -> bool:
         return any(tier != RESIDENT for _, tier in self.plan.placement)
@@ -224,13 +242,18 @@ class PlacedWeights:
         self._fill(slot, block, views(target, layout))
 
     async def read_staged(self, block: str, staging: int) -> None:
-        """Read ``block`` from the offload store into host staging buffer ``staging``."""
+        """Read ``block`` from the offload store into host staging buffer ``staging`` (a table read
+        by rows: nothing)."""
         self.staging_holds[staging] = None
-        self.staging_views[staging] = await self.source.read_block_into(block, self.staging[staging])
+        if block not in self.row_tables:
+            self.staging_views[staging] = await self.source.read_block_into(
+                block, self.staging[staging], chunk_nbytes=DISK_CHUNK_NBYTES, depth=DISK_DEPTH)
         self.staging_holds[staging] = block
 
     def _load_staged(self, block: str, slot: int) -> None:
         staging = self.staging_holds.index(block)  # ValueError here means a missing graph edge
+        if block in self.row_tables:
+            return self._fill(slot, block, self.row_tables[block])
         source = self.staging[staging]
         nbytes = self.source.block_nbytes(block)
         target = self.slots[slot][:nbytes]
@@ -239,15 +262,24 @@ class PlacedWeights:
         self._fill(slot, block, self._streamed(tensors))
 
     async def load_from_disk(self, block: str, slot: int) -> None:
-        """Read ``block`` from the offload store straight into weight ``slot``."""
-        tensors = await self.source.read_block_into(block, self.slots[slot])
+        """Read ``block`` from the offload store straight into weight ``slot`` (a table read by
+        rows: nothing; its rows are read when the embedding is computed)."""
+        if block in self.row_tables:
+            return self._fill(slot, block, self.row_tables[block])
+        tensors = await self.source.read_block_into(block, self.slots[slot], chunk_nbytes=DISK_CHUNK_NBYTES,
+                                                    depth=DISK_DEPTH)
         self._fill(slot, block, self._streamed(tensors))
 
     def _streamed(self, tensors: dict) -> dict:
-        """A block read from the store as computed on: cast, and on the CPU 4-bit path repacked
-        into torch's int4 layout (new memory; the slot is free again once this returns)."""
+        """A block read from the store as computed on: cast; int4 and Q8_0 records stay views of the
+        slot as stored. On the CPU 4-bit path they are multiplied by numba kernels that read that
+        layout (:class:`~pipo.ops.int4pack.StoredInt4`, ``pipo.io.q8.q8_linear``): repacking them for
+        torch's int4 kernel on every load costs more than the disk read (RESULTS.md, issue 14)."""
         converted = _converted(tensors, self.dtype, None, self.cpu_packed)
-        return {k: _packed(k, v) for k, v in converted.items()} if self.cpu_packed else converted
+        if not self.cpu_packed:
+            return converted
+        return {k: int4pack.stored_int4(v) if isinstance(v, QuantTensor) else v
+                for k, v in converted.items()}
 
     def _fill(self, slot: int, block: str, tensors: dict) -> None:
         self.slot_views[slot], self.slot_holds[slot] = tensors, block

@@ -79,3 +79,24 @@ def to_dense(value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     if dtype is not None and value.is_floating_point():
         value = value.to(dtype)
     return value
+
+
+def q8_linear(x: torch.Tensor, q8: Q8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ W^T + bias -> [..., out]`` in ``x.dtype`` on the CPU, ``W`` read as stored
+    (numba kernel :mod:`pipo.ops.kernels.cpu_q8`; fp32 products): for a Q8_0 head streamed from an
+    offload store, where repacking it for torch's int4 kernel on every load would cost more than the
+    product."""
+    from pipo.ops.kernels import cpu_q8
+    from pipo.ops.quant import _CPU_KERNEL_LOCK
+
+    out_f, in_f = q8.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"q8_linear: x has {x.shape[-1]} features, weight expects {in_f}")
+    x2 = x.reshape(-1, in_f).float().contiguous()  # [rows, in]
+    out = np.empty((x2.shape[0], out_f), np.float32)
+    with _CPU_KERNEL_LOCK:
+        cpu_q8.q8_gemm_rows(q8.codes.numpy(), q8.scales.float().numpy(), x2.numpy(), out)
+    y = torch.from_numpy(out)  # [rows, out]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], out_f)  # [..., out]

@@ -157,6 +157,13 @@ class OffloadStore:
             await self._read_chunks(view, entry, chunk_nbytes, depth)
         return _tensors_from_blob(buffer[: entry.nbytes], entry.tensors)
 
+    def table_rows(self, block: str, name: str):
+        """Tensor ``name`` of ``block`` as a :class:`~pipo.io.store_rows.StoredRows` (read by rows
+        on demand), or ``None`` unless it is a Q8_0 table alone in its block."""
+        from pipo.io.store_rows import stored_rows
+
+        return stored_rows(self._fd, self._entry(block), name)
+
     def verify(self) -> None:
         """Read every blob and check its crc32; ModelFormatError naming the first bad block."""
         buffer = aligned_empty(self.max_block_nbytes)

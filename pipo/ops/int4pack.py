@@ -74,6 +74,21 @@ class PackedQ8(PackedInt4):
     repeats: ClassVar[int] = 2
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class StoredInt4(QuantTensor):
+    """An int4 matrix of a block streamed to the CPU 4-bit path, kept in the stored
+    :class:`~pipo.ops.quant.QuantTensor` layout (a view of the weight slot; no repack per load) and
+    multiplied by the numba kernel of ``int4_linear``. Activations are cast to bf16 first, so the
+    product has the dtype and the rounding of the activations that :func:`packed_linear` has."""
+
+    compute_dtype: ClassVar[torch.dtype | None] = COMPUTE_DTYPE
+
+
+def stored_int4(q: QuantTensor) -> StoredInt4:
+    """``q`` as a :class:`StoredInt4`: the same tensors (views), nothing copied."""
+    return StoredInt4.from_parts(q.to_parts(), q.shape, q.group_size)
+
+
 def _pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape: tuple[int, int],
           group_size: int, kind: type = PackedInt4) -> PackedInt4:
     """Codes int ``[N, K]`` (0..15) and fp32 ``scales`` / ``zeros`` ``[N, K / group]`` -> PackedInt4."""

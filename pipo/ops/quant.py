@@ -79,6 +79,7 @@ class QuantTensor(PartsRecord):
     group_size: int
 
     tensor_fields: ClassVar[tuple[str, ...]] = ("qweight", "scales", "mins")
+    compute_dtype: ClassVar[torch.dtype | None] = None  # activations cast to this first (None: x's)
 
     def __post_init__(self) -> None:
         out_f, in_f = self.shape

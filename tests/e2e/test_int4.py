@@ -75,15 +75,62 @@ def test_smollm2_shipped_int4_equals_transformers_gguf(smollm2_reference):
     assert texts == smollm2_reference
 
 
-def test_int4_store_streamed_from_disk_equals_the_store_loaded_into_ram(tmp_path):
+def _int4_store(tmp_path):
     from pipo.io.store import convert
 
     build_model("llama", tmp_path / "hf")
-    store = convert(open_model(tmp_path / "hf"), tmp_path / "store", weights="int4", group_size=64)
-    with pipo.load(store, placement="resident") as engine:
+    return convert(open_model(tmp_path / "hf"), tmp_path / "store", weights="int4", group_size=64)
+
+
+def test_int4_store_streamed_from_disk_equals_the_store_loaded_into_ram(tmp_path):
+    """The exact fp32 int4 path: blocks streamed from disk give the resident run's tokens and
+    logits bit for bit (the same numba kernel on the same stored codes)."""
+    store = _int4_store(tmp_path)
+    with pipo.load(store, placement="resident", dtype="float32") as engine:
         in_ram = engine.generate_ids(PROMPTS, 16, keep_logits=True)
     for staged in (False, True):
-        with pipo.load(store, placement="disk", kv_offload=True, staged_disk=staged) as engine:
+        with pipo.load(store, placement="disk", kv_offload=True, staged_disk=staged,
+                       dtype="float32") as engine:
             from_disk = engine.generate_ids(PROMPTS, 16, keep_logits=True)
         assert from_disk.tokens == in_ram.tokens
         assert all(torch.equal(a, b) for a, b in zip(from_disk.logits, in_ram.logits))
+
+
+def test_cpu_4bit_store_streamed_from_disk_is_close_to_the_resident_packed_path(tmp_path):
+    """The default CPU 4-bit path: resident blocks are repacked once for torch's int4 kernel,
+    streamed ones are multiplied as stored (StoredInt4, no repack per load). Prefill logits agree
+    within bf16 rounding (the packed path rounds scales and zeros to bf16)."""
+    store = _int4_store(tmp_path)
+    with pipo.load(store, placement="resident") as engine:
+        assert engine.dtype == torch.bfloat16
+        in_ram = engine.generate_ids(PROMPTS, 1, keep_logits=True)
+    for placement, staged in (("disk", False), ("disk", True), ("host", False)):
+        with pipo.load(store, placement=placement, staged_disk=staged) as engine:
+            streamed = engine.generate_ids(PROMPTS, 1, keep_logits=True)
+            kinds = {type(v).__name__ for v in engine._weights.slot_views[0].values()}
+        assert ("StoredInt4" if placement == "disk" else "PackedInt4") in kinds
+        for ours, theirs in zip(streamed.logits[0], in_ram.logits[0]):
+            scale = theirs.abs().max().item()
+            assert (ours.float() - theirs.float()).abs().max().item() < 0.02 * scale
+            assert int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.slow
+def test_smollm2_kept_store_streamed_from_disk_matches_the_resident_4bit_path(tmp_path):
+    """The default model kept 4-bit in a store (Q4_1 blocks, Q8_0 head and embedding): streamed
+    from disk (blocks as stored, the embedding read by rows) it gives the resident packed path's
+    greedy tokens, logits within bf16 rounding through 30 layers."""
+    from pipo.io.store import convert
+
+    store = convert(open_model(None, keep_quant=True), tmp_path / "store", weights="keep")
+    prompt = [[1, 504, 3575, 282, 4649, 314]]
+    with pipo.load(store, placement="resident") as engine:
+        in_ram = engine.generate_ids(prompt, 8, keep_logits=True)
+    with pipo.load(store, placement="disk") as engine:
+        from_disk = engine.generate_ids(prompt, 8, keep_logits=True)
+        table = engine._weights.row_tables["embed"]["tok"]
+        assert 0 < table.nbytes_read < 1 << 20  # rows, not the 30 MB table
+    assert from_disk.tokens == in_ram.tokens
+    for ours, theirs in zip(from_disk.logits, in_ram.logits):
+        scale = theirs.abs().max().item()
+        assert (ours.float() - theirs.float()).abs().max().item() < 0.05 * scale
