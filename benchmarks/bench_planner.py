@@ -98,7 +98,8 @@ def measure(source, options: dict, batch: int, new_tokens: int, plan=None) -> di
     """Run one traced generation; decode seconds per step, tok/s and the last decode step."""
     from pipo.engine import Engine, EngineOptions
 
-    opts = dict(options)
+    opts = {"dtype": "float32", **options}  # what the prediction costs (dtype_nbytes=4): the CPU
+    # default for a 4-bit GGUF is otherwise the bf16 4-bit path
     if opts.get("kv_disk_dir") == "TMP":
         opts["kv_disk_dir"] = tempfile.gettempdir()
     with Engine(source, EngineOptions(trace=True, **opts)) as engine:
@@ -186,7 +187,7 @@ def quality_table(profile, quick: bool, new_tokens: int, sources: dict, cap: int
     for batch in ((1, 8) if quick else (1, 8, 32)):
         max_len = len(PROMPT) + new_tokens
         options = {"device_memory": cap, "link_gbps": gbps}
-        with Engine(source, EngineOptions(**options)) as engine:
+        with Engine(source, EngineOptions(dtype="float32", **options)) as engine:
             t0 = time.perf_counter()
             chosen = plan_engine(engine, batch, max_len, prompt_len=len(PROMPT),
                                  new_tokens=new_tokens, profile=profile).best
