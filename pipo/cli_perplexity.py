@@ -8,6 +8,7 @@ from pathlib import Path
 from pipo.cli_options import (
     add_engine_options,
     add_model_option,
+    add_threads_option,
     check,
     open_engine,
     positive_int,
@@ -30,8 +31,7 @@ def add_perplexity(sub) -> None:
                         "window - stride tokens before it (default: %(default)s)")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help="score only the first N tokens of the text (default: all)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's, usually one per core)")
+    add_threads_option(p)
     add_engine_options(p)
     p.set_defaults(run=run)
 

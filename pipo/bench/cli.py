@@ -45,7 +45,7 @@ def _choices_list(allowed: tuple[str, ...]):
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``pipo bench`` on the ``pipo`` command's subparsers."""
     from pipo.bench.workloads import SHAPES, WORKLOAD_NAMES
-    from pipo.cli_options import parse_size, positive_int
+    from pipo.cli_options import add_threads_option, parse_size, positive_int
 
     p = sub.add_parser("bench", help="benchmark pipo's schedules against baselines (table + JSON)",
                        description=__doc__.splitlines()[0].replace("``", ""),
@@ -73,8 +73,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
                    help="smollm: timed runs per side, alternating; the median counts "
                         "(default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for torch and the int4 kernels (default: torch's)")
+    add_threads_option(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random prompts (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE",
