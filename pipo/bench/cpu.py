@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from pipo.bench.baselines import hf_generate_timed
-from pipo.engine.engine import left_pad
 
 PROMPTS = (
     "The capital of France is",
@@ -79,6 +78,18 @@ def time_pipo(engine, prompts: list[list[int]], gen_len: int) -> dict[str, Any]:
     wall_s = time.perf_counter() - t0
     return {"tokens": gen.tokens, "wall_s": wall_s, "prefill_s": gen.prefill_s,
             "decode_s": gen.decode_s}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, longest] left-padded with ``pad_id`` and their mask (bool, True at real
+    tokens): transformers' batched input (pipo itself packs rows, no padding)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, longest - len(p):] = True
+    return ids, mask
 
 
 def time_hf(model, prompts: list[list[int]], gen_len: int, eos_id: int,

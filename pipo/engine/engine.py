@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-import torch
-
 from graphs import build_step
 from pipo.engine import executors as _executors  # noqa: F401 - registers the default executors
 from pipo.engine.batch import Batch
@@ -208,16 +206,3 @@ def graph_key(plan: Plan) -> Plan:
 def _weights_key(plan: Plan) -> tuple:
     """What PlacedWeights depends on: reuse them across calls while it is unchanged."""
     return plan.placement, plan.n_weight_slots, plan.staged_disk
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, max_len: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [b, longest] left-padded with ``pad_id`` and the key mask [b, max_len] (bool,
-    True at real tokens; positions past the prompts are False until generated)."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), max_len or longest, dtype=torch.bool)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, longest - len(p):longest] = True
-    return ids, mask
