@@ -10,6 +10,11 @@ writes its KV into a trash slot (the cache's last position, past ``max_len``) th
 reads. Since a row's attention reads only its own positions below its length, rolling back is just
 lowering the length; the next append overwrites the discarded entries.
 
+Trees: ``step(feed, parents={row: [...]})`` appends a row's tokens as nodes of a token tree (see
+:class:`OpenTree`): each new token sees the row's prefix and its own ancestors only, at position
+prefix + depth. The tree stays open over further tree steps until :meth:`Batch.truncate` keeps a
+path of it as the row's plain prefix.
+
 Overlap: :meth:`Batch.submit` runs a step and returns a wait for its logits; :meth:`Batch.prefetch`
 then starts the *next* step's leading loads (weights, KV) before the host samples. The next
 :meth:`submit` finishes that run when its KV load ranges are the ones prefetched, else it cancels
@@ -27,7 +32,7 @@ from graphs import DECODE, PREFILL
 from pipo.engine.context import StepContext
 from pipo.engine.kv import micro_rows
 from pipo.errors import GenerationError, PipoError
-from pipo.ops.rows import pack_rows
+from pipo.ops.rows import TreeRows, pack_rows
 from pipo.plan import Plan
 from pipo.runtime.scheduler import Program, RunStats, Runtime, StartedRun
 
@@ -46,6 +51,35 @@ def bucket_tokens(n: int) -> int:
     return -(-n // 64) * 64
 
 
+class OpenTree:
+    """A row's open token tree: the tokens appended by tree steps since slot ``base``.
+
+    Parent indices count the tree's tokens from 0 (all earlier tree steps' tokens, then this step's,
+    in order); -1 is the row's prefix (the slots below ``base``).
+    """
+
+    def __init__(self, base: int):
+        self.base = base
+        self.depths: list[int] = []
+        self.paths: list[list[int]] = []  # per tree token: its ancestors' indices and its own
+
+    def add(self, row: int, parents: list[int]) -> TreeRows:
+        """Append tokens with ``parents``; their :class:`~pipo.ops.rows.TreeRows`."""
+        first = len(self.depths)
+        for i, parent in enumerate(parents):
+            if not -1 <= parent < first + i:
+                raise GenerationError(f"row {row}: tree token {first + i} has parent {parent}; a "
+                                      f"parent is -1 (the prefix) or an earlier tree token")
+        for i, parent in enumerate(parents):
+            up = ([], -1) if parent < 0 else (self.paths[parent], self.depths[parent])
+            self.paths.append(up[0] + [first + i])
+            self.depths.append(up[1] + 1)
+        ancestors = torch.zeros(len(parents), len(self.depths), dtype=torch.bool)
+        for i, path in enumerate(self.paths[first:]):
+            ancestors[i, path] = True
+        return TreeRows(self.base, self.depths[first:], ancestors)
+
+
 class Batch:
     """Row slots over one KV cache; see the module docstring. Made by ``Engine.open_batch``.
 
@@ -61,6 +95,7 @@ class Batch:
         self.stats: list[RunStats] = []
         self._lengths: list[int | None] = [None] * plan.batch  # None: free slot
         self._pending: dict[int, list[int]] = {}
+        self._trees: dict[int, OpenTree] = {}
         self._started: tuple[tuple, StartedRun] | None = None
         self._trash = plan.max_len  # the KV cache's trash slot (pipo.engine.kv.capacity)
 
@@ -92,24 +127,32 @@ class Batch:
         return self._checked(row)
 
     def truncate(self, row: int, length: int) -> None:
-        """Roll ``row`` back to its first ``length`` tokens: positions >= ``length`` are discarded."""
+        """Roll ``row`` back to its first ``length`` tokens: positions >= ``length`` are discarded.
+        Closes the row's open tree: the kept slots become its plain prefix, so the kept part of a
+        tree must be a path whose tokens sit at slot = position (a chain from the tree's start)."""
         current = self._checked(row)
         if not 0 <= length <= current:
             raise GenerationError(f"cannot truncate row {row} of {current} tokens to {length}")
         self._lengths[row] = length
+        self._trees.pop(row, None)
 
     def free(self, row: int) -> None:
         """Release ``row``'s slot at once; the next :meth:`admit` may reuse it."""
         self._checked(row)
         self._lengths[row] = None
         self._pending.pop(row, None)
+        self._trees.pop(row, None)
 
-    def step(self, feed: dict[int, list[int]], logits: str = "last") -> dict[int, torch.Tensor]:
+    def step(self, feed: dict[int, list[int]], logits: str = "last",
+             parents: dict[int, list[int]] | None = None) -> dict[int, torch.Tensor]:
         """One weight pass appending ``feed[row]`` to each listed row; returns {row: logits [n,
-        vocab]} (float32, host), n = 1 for ``"last"``, the row's new token count for ``"all"``."""
-        return self.submit(feed, logits)()
+        vocab]} (float32, host), n = 1 for ``"last"``, the row's new token count for ``"all"``.
+        ``parents[row]`` makes the row's tokens tree nodes (one parent index per token, see
+        :class:`OpenTree`); rows not in ``parents`` append a chain as usual."""
+        return self.submit(feed, logits, parents)()
 
-    def submit(self, feed: dict[int, list[int]], logits: str = "last"
+    def submit(self, feed: dict[int, list[int]], logits: str = "last",
+               parents: dict[int, list[int]] | None = None
                ) -> Callable[[], dict[int, torch.Tensor]]:
         """Run the step of :meth:`step`; return a wait for its logits (call :meth:`prefetch` first
         to overlap the next step's loads with that wait)."""
@@ -118,7 +161,7 @@ class Batch:
         feed = self._merge_pending(feed)
         layout = self._layout({row: len(ids) for row, ids in feed.items()})
         started = self._take_started(layout)
-        self._set_inputs(feed, logits, layout)
+        self._set_inputs(feed, logits, layout, self._tree_rows(feed, parents or {}))
         stats = started.finish() if started else self._run(self.program(layout[0]))
         return self._finished(feed, logits, stats)
 
@@ -127,7 +170,8 @@ class Batch:
         """Like :meth:`submit`, but the tokens come from the run itself: ``program(phase)`` is a
         step graph whose leading compute tasks call ``prelude.step(index)`` (see
         :mod:`graphs.speculate`); the call that returns a feed ``{row: [ids]}`` (``rows`` only)
-        hands the pass its tokens. The pass's leading loads run meanwhile."""
+        hands the pass its tokens (or ``(feed, parents)`` for tree tokens, as :meth:`step`'s). The
+        pass's leading loads run meanwhile."""
         if logits not in LOGITS:
             raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
         self._cancel_started()
@@ -138,10 +182,11 @@ class Batch:
         def step(index: int) -> None:
             feed = prelude.step(index)
             if feed is not None:
+                feed, parents = feed if isinstance(feed, tuple) else (feed, {})
                 if sorted(feed) != sorted(rows):
                     raise GenerationError(f"a prelude fed rows {sorted(feed)}, not {sorted(rows)}")
                 fed.update(self._merge_pending(feed))
-                self._set_inputs(fed, logits, layout)
+                self._set_inputs(fed, logits, layout, self._tree_rows(fed, parents))
 
         self.ctx.prelude, self.ctx.rows = step, [None] * self.plan.n_micro
         try:
@@ -225,6 +270,24 @@ class Batch:
                                       f"tokens, more than the batch's max_len {self.max_len}")
         return merged
 
+    def _tree_rows(self, feed: dict[int, list[int]], parents: dict[int, list[int]]
+                   ) -> dict[int, TreeRows]:
+        """Each tree row's :class:`TreeRows` for this step (its open tree extended); rows with an
+        open tree must step as trees (a chain step would see every branch)."""
+        out = {}
+        for row, ids in feed.items():
+            if row not in parents:
+                if row in self._trees:
+                    raise GenerationError(f"row {row} has an open token tree: truncate it to a "
+                                          f"path first, or give the step's parents")
+                continue
+            if len(parents[row]) != len(ids) or row in self._pending:
+                raise GenerationError(f"row {row}: give one parent per new token (and no pending "
+                                      f"prompt in a tree step)")
+            tree = self._trees.setdefault(row, OpenTree(self._lengths[row]))
+            out[row] = tree.add(row, list(parents[row]))
+        return out
+
     def _micro_of(self, row: int) -> tuple[int, int]:
         return divmod(row, self.plan.micro_batch)
 
@@ -249,13 +312,16 @@ class Batch:
         if started is not None:
             started[1].cancel()
 
-    def _set_inputs(self, feed: dict[int, list[int]], logits: str, layout: tuple) -> None:
+    def _set_inputs(self, feed: dict[int, list[int]], logits: str, layout: tuple,
+                    trees: dict[int, TreeRows]) -> None:
         """Pack each micro-batch's tokens and upload them; micro-batches without tokens get None."""
         ctx, io, n_micro = self.ctx, self.io, self.plan.n_micro
         per_micro: list[list] = [[] for _ in range(n_micro)]
+        per_tree: list[list] = [[] for _ in range(n_micro)]
         for row, ids in sorted(feed.items()):
             m, local = self._micro_of(row)
             per_micro[m].append((local, self._lengths[row], ids))
+            per_tree[m].append(trees.get(row))
         ctx.kv_load_end = list(layout[1])
         ctx.ids, ctx.rows, ctx.logit_index, ctx.kv_save = [], [], [], []
         ctx.hidden, ctx.logits, ctx.attn_inputs = {}, {}, {}
@@ -267,7 +333,7 @@ class Batch:
             tokens = [t for _, _, ids in entries for t in ids]
             bucket = bucket_tokens(len(tokens))
             rows = pack_rows([(local, start, len(ids)) for local, start, ids in entries], bucket,
-                             self._trash, micro_rows(self.plan, m))
+                             self._trash, micro_rows(self.plan, m), per_tree[m])
             ctx.ids.append(io.upload(torch.tensor([tokens + [0] * (bucket - len(tokens))])))
             ctx.rows.append(rows.to(io.upload))
             ctx.logit_index.append(io.upload(_logit_index(entries, logits)))

@@ -7,7 +7,13 @@ slot it writes: its position, or the *trash* slot ``capacity - 1`` for padding, 
 never reads). Projections, MLPs and the head run on the packed ``[1, T, hidden]`` tensor without
 any padding; only attention lays the real tokens out per row, ``[R, t_max]`` (``R`` = rows in
 the step, ``t_max`` = most tokens of one row), against each row's own cache prefix, with a mask
-from the query positions: key slot ``j`` is visible to a query at position ``p`` iff ``j <= p``.
+from the query slots: key slot ``j`` is visible to a query written at slot ``s`` iff ``j <= s``.
+
+Trees (speculative decoding's token trees): a row's tokens may form a tree over an *open tree* that
+starts at the row's slot ``base``: each token has a depth (position = ``base`` + depth) and sees the
+slots below ``base`` plus its ancestors and itself (:class:`TreeRows`). A chain is the case with
+one token per depth; rows without a tree take the plain rule above, and a step with no tree builds
+no extra mask.
 
 KV cache layout: ``[rows, n_kv_heads, capacity, head_dim]`` per layer, one for k and one for v.
 """
@@ -30,14 +36,31 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class TreeRows:
+    """One row's new tokens as nodes of an open tree that starts at cache slot ``base``.
+
+    ``depths`` [n] per new token (its position is ``base`` + depth); ``ancestors`` [n, W] bool, W =
+    the row's tree width so far (the slots ``base .. base + W - 1``, this step's tokens last):
+    whether each new token sees that tree slot (its ancestors and itself).
+    """
+
+    base: int
+    depths: list[int]
+    ancestors: torch.Tensor
+
+
+@dataclass(frozen=True)
 class PackedRows:
     """Where the packed tokens of one micro-batch's step go (index tensors, all int64).
 
     ``positions`` [T] per token (padding: 0); ``kv_row`` / ``kv_slot`` [T] the cache row and slot
     each token writes (padding: the trash slot); ``step_rows`` [R] the micro-batch rows in the step;
     ``q_row`` / ``q_col`` [n] where each of the ``n`` real tokens sits in the ``[R, t_max]`` query
-    layout; ``query_pos`` [R, t_max] that layout's positions (unused places: 0); ``end`` the cache
+    layout; ``query_pos`` [R, t_max] that layout's KV slots (unused places: 0); ``end`` the cache
     prefix attention reads; ``all_rows`` when ``step_rows`` is every row in order (no gather).
+    ``tree_base`` [R, 1, 1] / ``ancestors`` [R, t_max, W]: where each row's open tree starts and which
+    of its slots each query sees (:class:`TreeRows`; rows without a tree see all of them); both
+    ``None`` in a step without trees.
     """
 
     positions: torch.Tensor
@@ -49,6 +72,8 @@ class PackedRows:
     query_pos: torch.Tensor
     end: int
     all_rows: bool
+    tree_base: torch.Tensor | None = None
+    ancestors: torch.Tensor | None = None
 
     @property
     def n_real(self) -> int:
@@ -62,15 +87,18 @@ class PackedRows:
         return PackedRows(**fields)
 
 
-def pack_rows(feed: list[tuple[int, int, int]], bucket: int, trash: int, n_rows: int
-              ) -> PackedRows:
+def pack_rows(feed: list[tuple[int, int, int]], bucket: int, trash: int, n_rows: int,
+              trees: list[TreeRows | None] | None = None) -> PackedRows:
     """The layout of ``feed`` = [(row, start, n_tokens), ...] (rows ascending, each row's tokens at
-    positions start..start+n-1), padded to ``bucket`` tokens; ``n_rows`` rows in the micro-batch."""
-    positions, kv_row, q_row, q_col = [], [], [], []
+    KV slots start..start+n-1, and positions the same unless ``trees[i]`` gives the i-th row's
+    tokens tree depths), padded to ``bucket`` tokens; ``n_rows`` rows in the micro-batch."""
+    trees = trees or [None] * len(feed)
+    positions, slots, kv_row, q_row, q_col = [], [], [], [], []
     t_max = max(n for _, _, n in feed)
     query_pos = torch.zeros(len(feed), t_max, dtype=torch.long)
-    for i, (row, start, n) in enumerate(feed):
-        positions += range(start, start + n)
+    for i, ((row, start, n), tree) in enumerate(zip(feed, trees, strict=True)):
+        positions += range(start, start + n) if tree is None else [tree.base + d for d in tree.depths]
+        slots += range(start, start + n)
         kv_row += [row] * n
         q_row += [i] * n
         q_col += range(n)
@@ -78,16 +106,32 @@ def pack_rows(feed: list[tuple[int, int, int]], bucket: int, trash: int, n_rows:
     n_pad = bucket - len(positions)
     if n_pad < 0:
         raise ValueError(f"{len(positions)} tokens do not fit a bucket of {bucket}")
-    slots = positions + [trash] * n_pad
     rows = [r for r, _, _ in feed]
     return PackedRows(
         positions=torch.tensor(positions + [0] * n_pad, dtype=torch.long),
         kv_row=torch.tensor(kv_row + [rows[0]] * n_pad, dtype=torch.long),
-        kv_slot=torch.tensor(slots, dtype=torch.long),
+        kv_slot=torch.tensor(slots + [trash] * n_pad, dtype=torch.long),
         step_rows=torch.tensor(rows, dtype=torch.long),
         q_row=torch.tensor(q_row, dtype=torch.long), q_col=torch.tensor(q_col, dtype=torch.long),
         query_pos=query_pos, end=max(s + n for _, s, n in feed),
-        all_rows=rows == list(range(n_rows)))
+        all_rows=rows == list(range(n_rows)), **_tree_fields(trees, t_max))
+
+
+def _tree_fields(trees: list[TreeRows | None], t_max: int) -> dict:
+    """``tree_base`` [R, 1, 1] and ``ancestors`` [R, t_max, W] of a step's rows; {} without trees.
+    Rows without a tree (and unused query places) see every tree slot: the slot rule decides."""
+    if all(t is None for t in trees):
+        return {}
+    width = max(t.ancestors.shape[1] for t in trees if t is not None)
+    ancestors = torch.ones(len(trees), t_max, width, dtype=torch.bool)
+    base = torch.zeros(len(trees), 1, 1, dtype=torch.long)
+    for i, tree in enumerate(trees):
+        if tree is not None:
+            n, w = tree.ancestors.shape
+            ancestors[i, :n, :w] = tree.ancestors
+            ancestors[i, :n, w:] = False
+            base[i] = tree.base
+    return {"tree_base": base, "ancestors": ancestors}
 
 
 @dataclass(frozen=True)
@@ -111,6 +155,8 @@ def row_attention_inputs(rows: PackedRows, spec: ModelSpec, rope: Rope | None,
     r, t_max = rows.query_pos.shape
     keys = torch.arange(rows.end, device=rows.query_pos.device)        # [end]
     mask = keys[None, None, :] <= rows.query_pos[:, :, None]           # [R, t_max, end]
+    if rows.ancestors is not None:
+        mask = mask & _tree_visible(rows, keys)                       # [R, t_max, end]
     mask = mask.unsqueeze(1).expand(r, group, t_max, rows.end).reshape(r, 1, group * t_max, rows.end)
     if rope is None or traits_for(spec).positions != "rope":
         return RowAttentionInputs(rows, mask, None, None)
@@ -118,6 +164,14 @@ def row_attention_inputs(rows: PackedRows, spec: ModelSpec, rope: Rope | None,
     c = cos[rows.positions][None, None].to(dtype)                      # [1, 1, T, head_dim]
     s = sin[rows.positions][None, None].to(dtype)                      # [1, 1, T, head_dim]
     return RowAttentionInputs(rows, mask, c, s)
+
+
+def _tree_visible(rows: PackedRows, keys: torch.Tensor) -> torch.Tensor:
+    """[R, t_max, end]: key slots below each row's tree base, and the tree slots it sees."""
+    r, t_max, width = rows.ancestors.shape
+    rel = keys[None, None, :] - rows.tree_base                         # [R, 1, end]
+    seen = rows.ancestors.gather(2, rel.clamp(0, width - 1).expand(r, t_max, keys.shape[0]))
+    return (rel < 0) | seen                                            # [R, t_max, end]
 
 
 def row_attention_block(w: dict, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
