@@ -4,7 +4,8 @@ A draft proposes up to ``k`` tokens that continue the committed sequence, with t
 it drew them from (``None``: a deterministic draft, i.e. one-hot). Three kinds:
 
 - :class:`NgramDraft` (``ngram``): prompt lookup, no model. It continues the latest earlier
-  occurrence of the sequence's last n tokens (n = 3, 2, 1: the longest that matches).
+  occurrence of the sequence's last n tokens (n = 3, 2, 1: the longest that matches); as a tree
+  (``--draft-budget``), the continuations of several earlier matches, merged.
 - :class:`ModelDraft` (``MODEL``): a separate small model with the same vocabulary, resident, with
   its own one-row :class:`~pipo.engine.batch.Batch`; after verification its KV is rolled back to the
   part of its drafted sequence the target committed (``Batch.truncate``).
@@ -12,6 +13,10 @@ it drew them from (``None``: a deterministic draft, i.e. one-hot). Three kinds:
   (:class:`Int4Weights`: int4 blocks of the source are dequantized first, so a 4-bit checkpoint is
   re-grouped, e.g. group 128 over a checkpoint's group 32), resident; the embedding and head are the
   target's own tensors where the target keeps them resident (shared, not copied).
+
+With a budget (``--draft-budget N``) a model draft builds a token tree instead of a chain
+(:class:`~pipo.engine.draft_tree.TreeBuilder`: :meth:`ModelDraft.tree_root`, then tree steps of
+its batch, :meth:`ModelDraft.tree_step`); its KV keeps only the committed tokens afterwards.
 
 Model drafts step their batch *inline* (``Batch.run_inline``), so a draft step can run as a compute
 task inside the target's verification run (the step DAG of :mod:`pipo.engine.speculate`).
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from pipo.engine.draft_tree import DraftTree, trie
 from pipo.engine.engine import Engine
 from pipo.engine.options import EngineOptions
 from pipo.errors import PipoError
@@ -46,12 +52,27 @@ class NgramDraft:
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator
                 ) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``k`` tokens following the longest suffix match; (tokens, None: one-hot)."""
+        return next(self._continuations(tokens, k), []), None
+
+    def propose_tree(self, tokens: list[int], budget: int, depth: int) -> DraftTree:
+        """The continuations (up to ``depth`` tokens) of the latest matches, longest suffix first,
+        merged into a tree of at most ``budget`` nodes."""
+        found: list[list[int]] = []
+        for cont in self._continuations(tokens, depth):
+            if cont not in found:
+                found.append(cont)
+            if sum(map(len, found)) >= budget:
+                break
+        return trie(found, budget)
+
+    def _continuations(self, tokens: list[int], k: int):
+        """Up to ``k`` tokens after each earlier occurrence of the last n tokens: n = 3, 2, 1, the
+        latest occurrence first."""
         for n in range(min(NGRAM_MAX, len(tokens) - 1), 0, -1):
             suffix = tokens[-n:]
-            for start in range(len(tokens) - n - 1, -1, -1):  # latest earlier occurrence first
+            for start in range(len(tokens) - n - 1, -1, -1):
                 if tokens[start:start + n] == suffix:
-                    return tokens[start + n:start + n + k], None
-        return [], None
+                    yield tokens[start + n:start + n + k]
 
     def rollback(self, committed: list[int]) -> None:
         """Nothing to roll back."""
@@ -111,8 +132,24 @@ class ModelDraft:
         """This round's drafted tokens and their distributions (``None`` when greedy)."""
         return list(self._drafted), (torch.stack(self._dists) if self._dists else None)
 
+    def tree_root(self, tokens: list[int]) -> torch.Tensor:
+        """Sync the draft's KV with the committed ``tokens``: the log-probabilities [1, vocab] of
+        the token after them (the tree's root)."""
+        feed = tokens[len(self.kv_tokens):]
+        logits = self.batch.step({self.row: feed})[self.row]            # [1, vocab]
+        self.kv_tokens = list(tokens)
+        return logits.float().log_softmax(-1)
+
+    def tree_step(self, tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """One tree step: ``tokens`` as nodes of the draft's open tree (``parents``: earlier nodes
+        of this round's tree, -1 the root); their children's log-probabilities [n, vocab]."""
+        logits = self.batch.step({self.row: tokens}, logits="all",
+                                 parents={self.row: parents})[self.row]  # [n, vocab]
+        return logits.float().log_softmax(-1)
+
     def rollback(self, committed: list[int]) -> None:
-        """Keep only the KV of the drafted sequence's prefix that ``committed`` shares."""
+        """Keep only the KV of the drafted sequence's prefix that ``committed`` shares (a round's
+        tree nodes are never kept)."""
         n = 0
         for a, b in zip(self.kv_tokens, committed):
             if a != b:

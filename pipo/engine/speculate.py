@@ -16,6 +16,9 @@ With a model draft, the round's draft steps are compute tasks in the verify pass
 Rejected positions are discarded with ``Batch.truncate`` in the target and in the draft. k adapts
 to the running acceptance: k = 1 + the exponential average of accepted drafts per round, rounded
 up, within 1..``k_max``.
+
+With a ``budget`` (``--draft-budget N``) greedy rounds verify a token tree of up to N drafts and
+depth ``k_max`` instead (:mod:`pipo.engine.speculate_tree`); sampling keeps the chain.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from pipo.engine.loop import Generation
 from pipo.engine.speculate_dag import DraftPrograms, verify_with_drafting
+from pipo.engine.speculate_tree import tree_rounds
 from pipo.ops.sampling import SamplingParams, make_generator, probabilities
 
 EMA = 0.5
@@ -101,12 +105,16 @@ def _pick(logits: torch.Tensor, sampling: SamplingParams, generator) -> int:
 
 class Speculator:
     """Speculative generation with ``engine`` (the target) and ``draft``; k drafts per round at
-    first, adapted within 1..``k_max`` when ``adaptive``. Has ``generate_ids`` / ``generate`` like an
+    first, adapted within 1..``k_max`` when ``adaptive``; with ``budget`` N, greedy rounds draft a
+    tree of up to N tokens and depth ``k_max`` instead. Has ``generate_ids`` / ``generate`` like an
     :class:`~pipo.engine.Engine` (prompts run one after another), so the CLI uses either alike.
     """
 
     def __init__(self, engine, draft, k: int = 4, adaptive: bool = True, k_max: int = 8,
-                 overlap: bool = True):
+                 overlap: bool = True, budget: int | None = None):
+        if budget is not None and budget < 1:
+            raise ValueError(f"a draft budget must be at least 1, got {budget}")
+        self.budget = budget
         self.engine, self.draft, self.k, self.adaptive = engine, draft, k, adaptive
         self.overlap, self._programs = overlap, DraftPrograms(engine)
         self.k_max = max(k, k_max) if adaptive else k
@@ -151,7 +159,9 @@ class Speculator:
         t0 = time.perf_counter()
         eos = set(self.spec.eos_ids)
         stats = SpecStats()
-        batch = self.engine.open_batch(1, len(prompt) + max_new + self.k_max + 1)
+        tree = self.budget is not None and sampling.greedy
+        room = self.budget + 2 * self.k_max + 2 if tree else self.k_max + 1
+        batch = self.engine.open_batch(1, len(prompt) + max_new + room)
         out: list[int] = []
         try:
             row = batch.admit()
@@ -159,7 +169,9 @@ class Speculator:
             stats.passes += 1
             self.draft.reset(prompt)
             seq, k, ema = list(prompt), self.k, float(self.k)
-            while token not in eos and len(out) < max_new:
+            if tree:
+                tree_rounds(self, batch, row, seq, token, max_new, out, emit, stats)
+            while not tree and token not in eos and len(out) < max_new:
                 out.append(token)
                 emit(token)
                 seq.append(token)

@@ -1,0 +1,140 @@
+"""Token trees for speculative decoding (``--draft-budget N``): building, ordering, accepting.
+
+A :class:`DraftTree` holds up to N drafted tokens after the last committed token (the *root*),
+each with a parent (-1: the root), ordered depth-first with each node's most likely child first:
+the path the target most often accepts is then the tree's first nodes, whose KV sits at slot =
+position and is kept in place (:mod:`pipo.engine.speculate_tree`).
+
+- :class:`TreeBuilder`: a model draft's tree, SpecExec-style (Svirschevski et al. 2024): every
+  draft step evaluates the ``width`` most probable unexpanded candidates (by cumulative draft
+  probability, at any depth) as one tree step of the draft's own batch; their top children join
+  the candidates. It stops at N nodes or ``steps`` draft steps.
+- :func:`trie`: several continuations (ngram's earlier matches) merged into one tree.
+- :func:`greedy_path`: walk down from the root following the target's argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DraftTree:
+    """Drafted tokens with parents (-1: the root, else an earlier index), depth-first ordered."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def children(self, node: int) -> list[int]:
+        """Indices of ``node``'s children (-1: the root's), in order."""
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+    def depth(self) -> int:
+        """Nodes on the longest root-to-leaf path."""
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(1 + (depths[p] if p >= 0 else 0))
+        return max(depths, default=0)
+
+
+def depth_first(tokens: list[int], parents: list[int], scores: list[float]) -> DraftTree:
+    """The tree of ``tokens`` / ``parents`` (any topological order) reordered depth-first, each
+    node's children by descending ``scores``."""
+    kids: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        kids.setdefault(p, []).append(i)
+    out, index = DraftTree(), {}
+    stack = [(c, -1) for c in sorted(kids.get(-1, []), key=lambda c: scores[c])]
+    while stack:
+        node, parent = stack.pop()
+        index[node] = len(out.tokens)
+        out.tokens.append(tokens[node])
+        out.parents.append(parent)
+        stack += [(c, index[node]) for c in sorted(kids.get(node, []), key=lambda c: scores[c])]
+    return out
+
+
+def trie(continuations: list[list[int]], budget: int) -> DraftTree:
+    """Continuations merged by shared prefixes (earlier ones first), at most ``budget`` nodes."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    child: dict[tuple[int, int], int] = {}
+    for sequence in continuations:
+        node = -1
+        for token in sequence:
+            if (node, token) not in child:
+                if len(tokens) == budget:
+                    break
+                child[node, token] = len(tokens)
+                tokens.append(token)
+                parents.append(node)
+            node = child[node, token]
+    return depth_first(tokens, parents, [-i for i in range(len(tokens))])
+
+
+def greedy_path(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:
+    """(accepted node indices root-down, the target's token after them); ``argmax[i + 1]`` is the
+    target's choice after node i, ``argmax[0]`` after the root."""
+    path, node = [], -1
+    while True:
+        best = argmax[node + 1]
+        nxt = next((c for c in tree.children(node) if tree.tokens[c] == best), None)
+        if nxt is None:
+            return path, best
+        path.append(nxt)
+        node = nxt
+
+
+class TreeBuilder:
+    """A model draft's :class:`DraftTree`, one draft step at a time (greedy drafting: top tokens).
+
+    ``draft`` is a :class:`~pipo.engine.drafts.ModelDraft`; ``step()`` runs one draft pass (the
+    first syncs the draft with the committed tokens and evaluates the root); ``result()`` the tree.
+    """
+
+    def __init__(self, draft, tokens: list[int], budget: int, steps: int):
+        self.draft, self.tokens, self.budget, self.steps = draft, tokens, budget, steps
+        self.width = max(1, math.ceil(budget / steps))
+        self.nodes: list[tuple[int, int, float]] = []  # (token, parent, cumulative log-prob)
+        self.candidates: list[tuple[float, int, int]] = []  # (-log-prob, token, parent)
+        self.done = 0
+
+    def step(self) -> None:
+        """One draft pass: evaluate the root, then the best ``width`` candidates (at most
+        ``steps`` passes and ``budget`` nodes; later calls do nothing)."""
+        if self.done >= self.steps:
+            return
+        if self.done == 0:
+            self._expand([-1], self.draft.tree_root(self.tokens))
+        else:
+            fresh = self._take(min(self.width, self.budget - len(self.nodes)))
+            if fresh:  # the draft's open tree holds the evaluated nodes in node order
+                self._expand(fresh, self.draft.tree_step([self.nodes[i][0] for i in fresh],
+                                                         [self.nodes[i][1] for i in fresh]))
+        self.done += 1
+
+    def result(self) -> DraftTree:
+        """The tree: the evaluated nodes plus the best remaining candidates, up to the budget."""
+        self._take(self.budget - len(self.nodes))
+        tokens, parents, scores = zip(*self.nodes) if self.nodes else ((), (), ())
+        return depth_first(list(tokens), list(parents), list(scores))
+
+    def _take(self, n: int) -> list[int]:
+        """Move the ``n`` best candidates into the tree; their node indices."""
+        self.candidates.sort()
+        taken, self.candidates = self.candidates[:max(n, 0)], self.candidates[max(n, 0):]
+        start = len(self.nodes)
+        self.nodes += [(token, parent, -neg) for neg, token, parent in taken]
+        return list(range(start, len(self.nodes)))
+
+    def _expand(self, nodes: list[int], logprobs) -> None:
+        """Each evaluated node's ``width`` most probable children join the candidates."""
+        for node, row in zip(nodes, logprobs, strict=True):
+            base = self.nodes[node][2] if node >= 0 else 0.0
+            top = row.topk(min(self.width, row.shape[-1]))
+            self.candidates += [(-(base + float(v)), int(t), node)
+                                for v, t in zip(top.values, top.indices, strict=True)]
