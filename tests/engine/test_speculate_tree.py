@@ -1,0 +1,178 @@
+"""Tree speculation (``Speculator(..., budget=N)``): greedy output token-identical to plain greedy
+(transformers' tokens) for every draft kind, two families and every placement; the rejected tree
+KV never leaks and the accepted tokens out of place are re-fed (both checks fail without them);
+the draft's KV keeps only committed tokens; tree building, ordering and the argmax walk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pipo
+import pipo.engine.speculate_tree as speculate_tree
+from pipo.engine.batch import Batch
+from pipo.engine.draft_tree import DraftTree, TreeBuilder, depth_first, greedy_path, trie
+from pipo.engine.drafts import NgramDraft, make_draft
+from pipo.engine.speculate import Speculator
+from pipo.ops.sampling import SamplingParams
+from tests.engine.test_speculate import NEW, PROMPTS, _draft_model
+from tests.e2e.conftest import build_model, hf_greedy
+
+BUDGET = 8
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """{family: (path, draft model path, transformers' greedy tokens of PROMPTS)}."""
+    out = {}
+    for family in ("llama", "opt"):
+        path = tmp_path_factory.mktemp(f"tree-spec-{family}")
+        model = build_model(family, path)
+        draft = _draft_model(family, tmp_path_factory.mktemp(f"tree-draft-{family}"))
+        out[family] = (path, draft, [t for t, _ in hf_greedy(model, PROMPTS, NEW)])
+    return out
+
+
+def _speculate(engine, kind: str, draft_path: str, overlap: bool = True):
+    draft = make_draft(draft_path if kind == "model" else kind, engine, 96, group_size=128)
+    spec = Speculator(engine, draft, k=3, budget=BUDGET, overlap=overlap)
+    try:
+        return spec.generate_ids(PROMPTS, NEW).tokens, spec
+    finally:
+        draft.close()
+
+
+@pytest.mark.parametrize(("kind", "overlap"), [("ngram", True), ("int4", True), ("int4", False),
+                                               ("model", True), ("model", False)],
+                         ids=["ngram", "int4-in-dag", "int4-before", "model-in-dag", "model-before"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_greedy_tree_speculation_is_token_identical(families, family, kind, overlap):
+    path, draft_path, want = families[family]
+    with pipo.load(path) as engine:
+        tokens, spec = _speculate(engine, kind, draft_path, overlap)
+    assert tokens == want
+    assert spec.stats.drafted > 0
+    assert spec.stats.passes < len(PROMPTS) * NEW or kind == "model"  # a random model: no luck
+    assert max(spec.stats.verify_s) <= BUDGET
+
+
+@pytest.mark.parametrize("kind", ["ngram", "int4", "model"])
+@pytest.mark.parametrize("options", [{"placement": "host"}, {"placement": "host", "kv_offload": True},
+                                     {"micro_batch": 1, "kv_offload": True}, {"placement": "disk"}],
+                         ids=["host", "host+kv-offload", "kv-offload", "disk"])
+def test_every_placement(families, tmp_path, kind, options):
+    from pipo.io.source import open_model
+    from pipo.io.store import convert
+
+    path, draft_path, want = families["llama"]
+    if options.get("placement") == "disk":
+        path = convert(open_model(path), tmp_path / "store", weights="fp32")
+    with pipo.load(path, **options) as engine:
+        tokens, _ = _speculate(engine, kind, draft_path)
+    assert tokens == want
+
+
+class SecondChildDraft:
+    """A tree whose first child is junk and whose second branch is the right continuation
+    (``want``): every accepted path sits out of place, so its KV must be re-fed."""
+
+    name = "second-child"
+
+    def __init__(self, prompt: list[int], want: list[int]):
+        self.full = prompt + want
+
+    def reset(self, prompt):
+        pass
+
+    def propose_tree(self, tokens, budget, depth):
+        right = self.full[len(tokens):len(tokens) + depth]
+        junk = [(t * 5 + 1) % 128 for t in right]
+        return depth_first(junk + right, list(range(-1, len(junk) - 1)) +
+                           [-1] + list(range(len(junk), len(junk) + len(right) - 1)),
+                           [1.0] * len(junk) + [0.0] * len(right))
+
+    def rollback(self, committed):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("options", [{}, {"placement": "host", "kv_offload": True}])
+def test_rejected_tree_kv_never_leaks_and_out_of_place_tokens_are_re_fed(families, monkeypatch,
+                                                                         options):
+    path, _, want = families["llama"]
+    prompt = PROMPTS[0]
+
+    def run(budget=BUDGET):  # the draft's trees have 2 x depth nodes whatever the budget
+        spec = Speculator(engine, SecondChildDraft(prompt, want[0]), k=3, budget=budget)
+        return spec.generate_ids([prompt], NEW).tokens[0], spec
+
+    with pipo.load(path, **options) as engine:
+        tokens, spec = run()
+        assert tokens == want[0]
+        assert spec.stats.accepted > 0 and spec.stats.passes < NEW  # right branches accepted
+        with monkeypatch.context() as m:  # no re-feed: claim the whole path is in place
+            m.setattr(speculate_tree, "in_place", len)
+            assert run()[0] != want[0]
+        with monkeypatch.context() as m:  # no rollback: the tree's KV stays
+            m.setattr(Batch, "truncate", lambda self, row, length: None)
+            assert run(budget=16 * NEW)[0] != want[0]  # room for the KV never discarded
+
+
+def test_draft_kv_keeps_only_committed_tokens(families):
+    path, _, _ = families["llama"]
+    with pipo.load(path) as engine:
+        draft = make_draft("int4", engine, 96, group_size=32)
+        spec = Speculator(engine, draft, k=3, budget=BUDGET)
+        tokens = spec.generate_ids(PROMPTS[:1], NEW).tokens[0]
+        seq = PROMPTS[0] + tokens
+        fresh = make_draft("int4", engine, 96, group_size=32)
+        greedy = SamplingParams()
+        assert draft.propose(seq, 4, greedy, None) == fresh.propose(seq, 4, greedy, None)
+        draft.close()
+        fresh.close()
+
+
+def test_trie_merges_shared_prefixes_depth_first():
+    tree = trie([[1, 2, 3], [1, 4], [5]], budget=10)
+    assert tree.tokens == [1, 2, 3, 4, 5] and tree.parents == [-1, 0, 1, 0, -1]
+    assert len(trie([[1, 2, 3], [1, 4], [5]], budget=3)) == 3
+
+
+def test_ngram_tree_holds_several_matches():
+    tree = NgramDraft().propose_tree([1, 2, 7, 8, 1, 2, 9, 6, 1, 2], budget=8, depth=2)
+    assert tree.tokens == [9, 6, 7, 8] and tree.parents == [-1, 0, -1, 2]
+
+
+def test_greedy_path_follows_the_argmax():
+    tree = DraftTree(tokens=[5, 6, 7, 8], parents=[-1, 0, 0, -1])
+    # argmax after the root, then after each node
+    assert greedy_path(tree, [5, 7, 0, 1, 2]) == ([0, 2], 1)
+    assert greedy_path(tree, [9, 0, 0, 0, 0]) == ([], 9)
+
+
+class FixedDraft:
+    """Log-probabilities favouring token (parent's token + 1), then + 2."""
+
+    def tree_root(self, tokens):
+        return self._logprobs([tokens[-1]])
+
+    def tree_step(self, tokens, parents):
+        return self._logprobs(tokens)
+
+    @staticmethod
+    def _logprobs(tokens):
+        out = torch.full((len(tokens), 16), -10.0)
+        for i, t in enumerate(tokens):
+            out[i, (t + 1) % 16], out[i, (t + 2) % 16] = -0.1, -2.0
+        return out
+
+
+def test_tree_builder_respects_budget_and_steps_most_likely_child_first():
+    builder = TreeBuilder(FixedDraft(), [0], budget=6, steps=3)
+    for _ in range(5):
+        builder.step()
+    tree = builder.result()
+    assert len(tree) == 6 and tree.depth() <= 3
+    assert tree.tokens[:3] == [1, 2, 3] and tree.parents[:3] == [-1, 0, 1]  # the likely chain first
