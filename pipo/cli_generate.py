@@ -104,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _max_len(engine, args, prompts) -> int:
     """Longest sequence a draft may hold: the longest prompt (in tokens, a bound) + new tokens
-    + a round's drafts."""
+    + a round's drafts (a chain, or a tree's evaluated nodes)."""
     texts = [args.prompt] if prompts is None else [p.prompt for p in prompts]
     longest = max(len(engine.tokenizer.encode(t)) for t in texts) if engine.tokenizer else 0
-    return longest + 64 + args.max_new_tokens + 2 * args.draft_tokens + 2
+    return longest + 64 + args.max_new_tokens + 2 * args.draft_tokens + (args.draft_budget or 0) + 2
 
 
 def _stream_one(engine, args, sampling: SamplingParams) -> int:

@@ -8,7 +8,7 @@ from pipo.cli_options import positive_int
 
 
 def add_speculate_options(parser: argparse.ArgumentParser) -> None:
-    """``--speculate``, ``--draft-tokens`` and ``--draft-group-size``."""
+    """``--speculate``, ``--draft-tokens``, ``--draft-budget`` and ``--draft-group-size``."""
     g = parser.add_argument_group("speculative decoding (see docs/speculate.md)")
     g.add_argument("--speculate", default="off", metavar="int4|MODEL|ngram|off",
                    help="draft tokens and verify them in one pass of the target: int4 (the "
@@ -19,6 +19,11 @@ def add_speculate_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-tokens", type=positive_int, default=4, metavar="K",
                    help="draft tokens per round to start with; adapts to the running acceptance "
                         "rate within 1..2K (default: %(default)s)")
+    g.add_argument("--draft-budget", type=positive_int, default=None, metavar="N",
+                   help="draft a token tree of up to N tokens per round (depth up to 2K; "
+                        "SpecExec-style for int4 / MODEL, several prompt matches for ngram) and "
+                        "verify it in one pass; greedy only: sampling keeps the chain, since "
+                        "tree acceptance is exact only for greedy here (default: a chain)")
     g.add_argument("--draft-group-size", type=int, default=128, metavar="N",
                    help="int4 group size of the int4 draft: 32, 64 or 128 (default: %(default)s)")
 
@@ -31,4 +36,5 @@ def speculative(engine, args: argparse.Namespace, max_len: int):
     from pipo.engine.speculate import Speculator
 
     draft = make_draft(args.speculate, engine, max_len, group_size=args.draft_group_size)
-    return Speculator(engine, draft, k=args.draft_tokens, k_max=2 * args.draft_tokens)
+    return Speculator(engine, draft, k=args.draft_tokens, k_max=2 * args.draft_tokens,
+                      budget=args.draft_budget)

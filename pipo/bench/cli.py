@@ -106,11 +106,25 @@ def _add_speculate_options(p: argparse.ArgumentParser) -> None:
                    help="initial draft tokens per round (default: %(default)s)")
     g.add_argument("--draft-group-size", type=int, default=128, metavar="N",
                    help="int4 draft group size (default: %(default)s)")
+    g.add_argument("--draft-budget", type=_budgets, default=(), metavar="N[,N...]",
+                   help="also run each draft as a token tree of up to N tokens per round "
+                        "(variants 'KIND tree N=N'; default: chains only)")
     g.add_argument("--no-chat", action="store_true",
                    help="feed the prompts as they are, not in the model's chat template")
     g.add_argument("--weight-slots", type=int, default=2, metavar="N",
                    help="the target's weight slots: blocks that may load ahead of compute, also "
                         "while a model draft drafts (default: %(default)s)")
+
+
+def _budgets(text: str) -> tuple[int, ...]:
+    """``--draft-budget``'s comma-separated positive budgets."""
+    try:
+        budgets = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        budgets = ()
+    if not budgets or min(budgets) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 16 or 8,16, got {text!r}")
+    return budgets
 
 
 def _add_workload_overrides(p: argparse.ArgumentParser, positive_int) -> None:
@@ -170,12 +184,14 @@ def _run_speculate(args: argparse.Namespace) -> dict[str, Any]:
                             n_weight_slots=args.weight_slots)
     with open_engine_with(args.model, options) as engine:
         prompts = [encode_prompt(engine, r["prompt"], not args.no_chat, None) for r in rows]
-        max_len = max(map(len, prompts)) + gen_len + 4 * args.draft_tokens
+        max_len = max(map(len, prompts)) + gen_len + 4 * args.draft_tokens + max(
+            args.draft_budget, default=0)
         drafts = {kind: make_draft(kind, engine, max_len, group_size=args.draft_group_size)
                   for kind in args.drafts.split(",")}
         try:
             result = speculate.run_speculate(engine, drafts, prompts, gen_len, args.draft_tokens,
-                                             save=lambda partial: _save_partial(args, partial))
+                                             save=lambda partial: _save_partial(args, partial),
+                                             budgets=args.draft_budget)
         finally:
             for draft in drafts.values():
                 draft.close()

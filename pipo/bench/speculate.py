@@ -4,9 +4,11 @@ One target engine (e.g. an offload store with ``--placement disk``: every pass s
 weights from disk with O_DIRECT, so the page cache never serves them) generates each prompt of a
 fixed JSONL set (``benchmarks/prompts/speculate.jsonl``: chat, summarization, code) greedily, once
 plainly and once per draft kind, alternating per prompt, under the same plan; a model draft runs
-twice: drafting inside the verify pass's DAG (overlapping its loads) and before it ("no overlap"). Per variant: tok/s
-(generated tokens / wall seconds over all prompts), generated tokens per target pass, draft ms per
-drafted token, verify-pass ms per draft count k (median), and link bytes per generated token (the
+twice: drafting inside the verify pass's DAG (overlapping its loads) and before it ("no overlap");
+with ``budgets`` each draft also runs as a token tree of up to N tokens ("int4 tree N=16"). Per
+variant: tok/s (generated tokens / wall seconds over all prompts), generated tokens per target
+pass, draft ms per drafted token, verify-pass ms per drafted tokens in the pass (a chain's k, a
+tree's node count; median), and link bytes per generated token (the
 streamed blocks' stored bytes x target passes / generated tokens). Greedy speculation is exact, so
 each variant's tokens are checked against plain's ("equal" column).
 """
@@ -43,9 +45,10 @@ def link_nbytes_per_pass(engine, plan) -> int:
 
 
 def run_speculate(engine, drafts: dict[str, Any], prompts: list[list[int]], gen_len: int,
-                  k: int, save=None) -> dict[str, Any]:
-    """Plain and each draft on every prompt (alternating); one summary row per variant.
-    ``save(result)`` runs after each prompt with the summary so far (a killed run keeps it)."""
+                  k: int, save=None, budgets: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Plain and each draft on every prompt (alternating); one summary row per variant (each draft
+    also as a tree per budget in ``budgets``). ``save(result)`` runs after each prompt with the
+    summary so far (a killed run keeps it)."""
     plain = {"passes": 0, "generated": 0, "wall_s": 0.0, "tokens": []}
     specs = {}
     for name, draft in drafts.items():
@@ -53,6 +56,9 @@ def run_speculate(engine, drafts: dict[str, Any], prompts: list[list[int]], gen_
         if hasattr(draft, "step_once"):  # the same draft with its steps outside the DAG
             specs[f"{name} (no overlap)"] = Speculator(engine, draft, k=k, k_max=2 * k,
                                                        overlap=False)
+        for budget in budgets:
+            specs[f"{name} tree N={budget}"] = Speculator(engine, draft, k=k, k_max=2 * k,
+                                                          budget=budget)
     walls = dict.fromkeys(specs, 0.0)
     tokens: dict[str, list] = {name: [] for name in specs}
     engine.generate_ids(prompts[:1], 2)  # warm-up: places weights, compiles the step graphs
@@ -109,7 +115,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The variants side by side (Markdown), speed-up against plain."""
     base = result["rows"][0]["tok_s"] or 1.0
     header = ("| variant | tok/s | x plain | tokens / target pass | draft acceptance | "
-              "draft ms / token | verify-pass ms by k | link MB / token | equal to plain |")
+              "draft ms / token | verify-pass ms by drafted tokens | link MB / token | equal to plain |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         verify = ", ".join(f"{k}: {ms:.0f}" for k, ms in r.get("verify_ms_by_k", {}).items())

@@ -18,8 +18,9 @@ def test_speculate_workload_rows(tmp_path, capsys):
     out = tmp_path / "spec.json"
     assert main(["bench", "--workload", "speculate", "--model", str(model), "--placement", "host",
                  "--prompts", str(prompts), "--gen-len", "6", "--drafts", "ngram,int4",
-                 "--draft-group-size", "32", "--no-chat", "--out", str(out)]) == 0
+                 "--draft-group-size", "32", "--draft-budget", "6", "--no-chat", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["plain", "ngram", "int4", "int4 (no overlap)"]
+    assert [r["variant"] for r in rows] == ["plain", "ngram", "ngram tree N=6", "int4",
+                                            "int4 (no overlap)", "int4 tree N=6"]
     assert all(r["equal_to_plain"] for r in rows)
     assert "tokens / target pass" in capsys.readouterr().out

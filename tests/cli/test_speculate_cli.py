@@ -29,6 +29,13 @@ def test_speculation_prints_the_plain_text(text_model, capsys, kind):
                      "--draft-group-size", "32", capsys=capsys) == plain
 
 
+@pytest.mark.parametrize("kind", ["ngram", "int4"])
+def test_tree_speculation_prints_the_plain_text(text_model, capsys, kind):
+    plain = _generate(text_model, capsys=capsys)
+    assert _generate(text_model, "--speculate", kind, "--draft-budget", "6",
+                     "--draft-group-size", "32", capsys=capsys) == plain
+
+
 def test_jsonl_batches_speculate_too(text_model, tmp_path, capsys):
     src, plain, spec = tmp_path / "in.jsonl", tmp_path / "plain.jsonl", tmp_path / "spec.jsonl"
     src.write_text("\n".join(json.dumps({"prompt": p}) for p in ("abab", "hello hello")) + "\n")
