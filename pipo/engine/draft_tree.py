@@ -10,7 +10,8 @@ position and is kept in place (:mod:`pipo.engine.speculate_tree`).
   probability, at any depth) as one tree step of the draft's own batch; their top children join
   the candidates. It stops at N nodes or ``steps`` draft steps.
 - :func:`trie`: several continuations (ngram's earlier matches) merged into one tree.
-- :func:`greedy_path`: walk down from the root following the target's argmax.
+- :func:`accepted_path`: walk down from the root following the target's own choice at each node
+  (its argmax when greedy, a sample from its distribution when sampling).
 """
 
 from __future__ import annotations
@@ -76,12 +77,16 @@ def trie(continuations: list[list[int]], budget: int) -> DraftTree:
     return depth_first(tokens, parents, [-i for i in range(len(tokens))])
 
 
-def greedy_path(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:
-    """(accepted node indices root-down, the target's token after them); ``argmax[i + 1]`` is the
-    target's choice after node i, ``argmax[0]`` after the root."""
+def accepted_path(tree: DraftTree, choose) -> tuple[list[int], int]:
+    """(accepted node indices root-down, the target's token after them): ``choose(i)`` is the
+    target's token after node ``i - 1`` (``choose(0)``: after the root), asked for the nodes on the
+    walk only. A child whose token the target chose is accepted, so every emitted token is the
+    target's own choice given the tokens before it: argmax for greedy (token-identical to plain
+    greedy) and a draw from p for sampling (the target's distribution exactly; the tree only
+    decides how many of the draws one pass can make, as in SpecExec)."""
     path, node = [], -1
     while True:
-        best = argmax[node + 1]
+        best = choose(node + 1)
         nxt = next((c for c in tree.children(node) if tree.tokens[c] == best), None)
         if nxt is None:
             return path, best

@@ -17,8 +17,8 @@ Rejected positions are discarded with ``Batch.truncate`` in the target and in th
 to the running acceptance: k = 1 + the exponential average of accepted drafts per round, rounded
 up, within 1..``k_max``.
 
-With a ``budget`` (``--draft-budget N``) greedy rounds verify a token tree of up to N drafts and
-depth ``k_max`` instead (:mod:`pipo.engine.speculate_tree`); sampling keeps the chain.
+With a ``budget`` (``--draft-budget N``) rounds verify a token tree of up to N drafts and depth
+``k_max`` instead (:mod:`pipo.engine.speculate_tree`), greedy or sampling.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def _pick(logits: torch.Tensor, sampling: SamplingParams, generator) -> int:
 
 class Speculator:
     """Speculative generation with ``engine`` (the target) and ``draft``; k drafts per round at
-    first, adapted within 1..``k_max`` when ``adaptive``; with ``budget`` N, greedy rounds draft a
-    tree of up to N tokens and depth ``k_max`` instead. Has ``generate_ids`` / ``generate`` like an
+    first, adapted within 1..``k_max`` when ``adaptive``; with ``budget`` N, rounds draft a tree
+    of up to N tokens and depth ``k_max`` instead. Has ``generate_ids`` / ``generate`` like an
     :class:`~pipo.engine.Engine` (prompts run one after another), so the CLI uses either alike.
     """
 
@@ -159,7 +159,7 @@ class Speculator:
         t0 = time.perf_counter()
         eos = set(self.spec.eos_ids)
         stats = SpecStats()
-        tree = self.budget is not None and sampling.greedy
+        tree = self.budget is not None
         room = self.budget + 2 * self.k_max + 2 if tree else self.k_max + 1
         batch = self.engine.open_batch(1, len(prompt) + max_new + room)
         out: list[int] = []
@@ -170,7 +170,8 @@ class Speculator:
             self.draft.reset(prompt)
             seq, k, ema = list(prompt), self.k, float(self.k)
             if tree:
-                tree_rounds(self, batch, row, seq, token, max_new, out, emit, stats)
+                tree_rounds(self, batch, row, seq, token, max_new, out, emit, stats, sampling,
+                            generator)
             while not tree and token not in eos and len(out) < max_new:
                 out.append(token)
                 emit(token)

@@ -1,11 +1,14 @@
-"""Tree speculation (``--draft-budget N``, greedy): a token tree verified in ONE target pass.
+"""Tree speculation (``--draft-budget N``): a token tree verified in ONE target pass.
 
 Each round the draft builds a :class:`~pipo.engine.draft_tree.DraftTree` of up to N tokens after
 the last committed token, depth-first with the most likely child first. The target appends the
 *pending* tokens (committed, but without KV in place: at least the last one) as a chain and then
 the tree, as one tree step (``Batch.step(..., parents=...)``: every node sees the prefix and its
-ancestors only); the accepted path follows the target's argmax from the root
-(:func:`~pipo.engine.draft_tree.greedy_path`), so the output is token-identical to plain greedy.
+ancestors only); the accepted path follows the target's own choice from the root
+(:func:`~pipo.engine.draft_tree.accepted_path`): its argmax when greedy, so the output is
+token-identical to plain greedy; a draw from its distribution p (after temperature / top-k / top-p)
+when sampling, so the output has the target's distribution exactly. The draft only shapes the
+tree, its probabilities never enter acceptance.
 
 KV after the pass: a node's KV sits at slot = prefix + its index but belongs at prefix + its depth,
 so only the accepted path's leading nodes with index = depth - 1 (the first-child chain, the usual
@@ -14,16 +17,15 @@ discarded: resident, offloaded and disk KV alike, as truncation only lowers the 
 other accepted tokens are re-fed as the pending chain of the next round's pass, which is link-bound,
 so they are almost free. Moving KV entries instead would need a copy per KV tier; re-feeding needs
 none. The draft keeps only the committed tokens' KV (``ModelDraft.rollback``).
-
-Sampling uses the chain (the tree needs multi-candidate rejection sampling, not implemented).
 """
 
 from __future__ import annotations
 
 import time
 
-from pipo.engine.draft_tree import DraftTree, TreeBuilder, greedy_path
+from pipo.engine.draft_tree import DraftTree, TreeBuilder, accepted_path
 from pipo.engine.speculate_dag import DraftPrograms
+from pipo.ops.sampling import probabilities
 
 
 def in_place(path: list[int]) -> int:
@@ -32,6 +34,20 @@ def in_place(path: list[int]) -> int:
     while n < len(path) and path[n] == n:
         n += 1
     return n
+
+
+def target_choice(logits, sampling, generator):
+    """``choose(i)`` for :func:`accepted_path` over the tree's logits rows (row 0: the root): the
+    argmax when greedy, else one draw from the target's distribution at that row."""
+    if sampling.greedy:
+        best = logits.argmax(dim=-1).tolist()
+        return best.__getitem__
+
+    def draw(i: int) -> int:
+        p = probabilities(logits[i:i + 1], sampling)                   # [1, V]
+        return int(p.multinomial(1, generator=generator))
+
+    return draw
 
 
 def tree_feed(pending: list[int], tree: DraftTree) -> tuple[list[int], list[int]]:
@@ -87,7 +103,7 @@ def draft_and_verify(spec, batch, row: int, seq: list[int], pending: list[int], 
 
 
 def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int, out: list[int],
-                emit, stats) -> None:
+                emit, stats, sampling, generator) -> None:
     """Generate after the prompt's first token ``token`` until EOS or ``max_new`` tokens in
     ``out`` (``seq``: the committed sequence, extended in place; ``stats``: a SpecStats)."""
     eos = set(spec.spec.eos_ids)
@@ -108,7 +124,8 @@ def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int,
         stats.draft_s += draft_s
         stats.verify_s.setdefault(len(tree), []).append(
             time.perf_counter() - t0 - (0.0 if overlapped else draft_s))
-        path, token = greedy_path(tree, logits.argmax(dim=-1).tolist()[len(pending) - 1:])
+        path, token = accepted_path(tree, target_choice(logits[len(pending) - 1:], sampling,
+                                                        generator))
         keep = in_place(path)
         batch.truncate(row, kept + len(pending) + keep)  # the rest of the tree's KV is discarded
         stats.passes += 1

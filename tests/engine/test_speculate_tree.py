@@ -11,10 +11,10 @@ import torch
 import pipo
 import pipo.engine.speculate_tree as speculate_tree
 from pipo.engine.batch import Batch
-from pipo.engine.draft_tree import DraftTree, TreeBuilder, depth_first, greedy_path, trie
+from pipo.engine.draft_tree import DraftTree, TreeBuilder, accepted_path, depth_first, trie
 from pipo.engine.drafts import NgramDraft, make_draft
 from pipo.engine.speculate import Speculator
-from pipo.ops.sampling import SamplingParams
+from pipo.ops.sampling import SamplingParams, make_generator, probabilities
 from tests.engine.test_speculate import NEW, PROMPTS, _draft_model
 from tests.e2e.conftest import build_model, hf_greedy
 
@@ -145,11 +145,54 @@ def test_ngram_tree_holds_several_matches():
     assert tree.tokens == [9, 6, 7, 8] and tree.parents == [-1, 0, -1, 2]
 
 
-def test_greedy_path_follows_the_argmax():
+def test_accepted_path_follows_the_targets_choice():
     tree = DraftTree(tokens=[5, 6, 7, 8], parents=[-1, 0, 0, -1])
-    # argmax after the root, then after each node
-    assert greedy_path(tree, [5, 7, 0, 1, 2]) == ([0, 2], 1)
-    assert greedy_path(tree, [9, 0, 0, 0, 0]) == ([], 9)
+    # the target's choice after the root, then after each node
+    assert accepted_path(tree, [5, 7, 0, 1, 2].__getitem__) == ([0, 2], 1)
+    assert accepted_path(tree, [9, 0, 0, 0, 0].__getitem__) == ([], 9)
+
+
+def _chi2(counts: torch.Tensor, p: torch.Tensor) -> float:
+    expected = counts.sum() * p
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampled_tree_acceptance_has_the_targets_distribution():
+    """Emitted tokens of one tree round on a toy vocabulary (5 tokens): the first is distributed as
+    the target's p at the root, the second (after an accepted child) as p at that child
+    (chi-square, df = 4, fixed seed)."""
+    sampling = SamplingParams(temperature=0.8, seed=3)
+    generator = make_generator(sampling)
+    tree = DraftTree(tokens=[1, 3, 0, 2], parents=[-1, 0, -1, -1])  # 1 -> 3; siblings 0, 2
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0, 0.0],  # root
+                           [0.0, 0.3, -0.5, 1.5, 0.2],  # after 1
+                           [0.4, 0.0, 0.0, 0.0, 0.0],   # after 1, 3
+                           [2.0, -1.0, 0.0, 1.0, 0.5],  # after 0
+                           [0.0, 0.0, 0.0, 0.0, 0.0]])  # after 2
+    p = probabilities(logits, sampling)
+    first, second = torch.zeros(5), torch.zeros(5)
+    for _ in range(20000):
+        path, bonus = accepted_path(tree, speculate_tree.target_choice(logits, sampling,
+                                                                       generator))
+        emitted = [tree.tokens[i] for i in path] + [bonus]
+        first[emitted[0]] += 1
+        if emitted[0] == 1:
+            second[emitted[1]] += 1
+    assert _chi2(first, p[0]) < 18.5 and _chi2(second, p[1]) < 18.5  # df = 4, p = 0.001
+    assert second.sum() > 5000  # the child was reached often
+
+
+@pytest.mark.parametrize("kind", ["ngram", "int4"])
+def test_sampling_through_a_tree_runs_and_top_k_1_equals_greedy(families, kind):
+    path, draft_path, want = families["llama"]
+    with pipo.load(path) as engine:
+        draft = make_draft(kind, engine, 96, group_size=128)
+        spec = Speculator(engine, draft, k=3, budget=BUDGET)
+        one = SamplingParams(temperature=1.0, top_k=1, seed=5)   # a draw from a one-hot p
+        assert spec.generate_ids(PROMPTS, NEW, one).tokens == want
+        warm = spec.generate_ids(PROMPTS, NEW, SamplingParams(temperature=0.7, seed=5)).tokens
+        draft.close()
+    assert [len(t) for t in warm] == [NEW, NEW] and spec.stats.accepted > 0
 
 
 class FixedDraft:
