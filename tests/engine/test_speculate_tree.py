@@ -219,3 +219,18 @@ def test_tree_builder_respects_budget_and_steps_most_likely_child_first():
     tree = builder.result()
     assert len(tree) == 6 and tree.depth() <= 3
     assert tree.tokens[:3] == [1, 2, 3] and tree.parents[:3] == [-1, 0, 1]  # the likely chain first
+
+
+def test_tree_drafting_runs_inside_the_verify_pass_dag(families):
+    path, _, want = families["opt"]
+    with pipo.load(path, placement="host", trace=True) as engine:
+        draft = make_draft("int4", engine, 96, group_size=64)
+        spec = Speculator(engine, draft, k=3, budget=BUDGET)
+        assert spec.generate_ids(PROMPTS[:1], NEW).tokens == want[:1]
+        draft.close()
+    runs = [s for s in spec.step_stats if any(r.name.startswith("DraftStep") for r in s.records)]
+    assert runs  # each tree round: draft steps, then the pass, in one run
+    steps = [r for r in runs[0].records if r.name.startswith("DraftStep")]
+    assert len(steps) == spec.k_max
+    first_load = min(r.start_s for r in runs[0].records if r.name.startswith("LoadWeight"))
+    assert first_load < max(r.end_s for r in steps)  # loads start before drafting ends
