@@ -20,7 +20,7 @@ def add_speculate_options(parser: argparse.ArgumentParser) -> None:
                    help="draft tokens per round to start with; adapts to the running acceptance "
                         "rate within 1..2K (default: %(default)s)")
     g.add_argument("--draft-budget", type=positive_int, default=None, metavar="N",
-                   help="draft a token tree of up to N tokens per round (depth up to 2K; "
+                   help="draft a token tree of up to N tokens per round (depth adapted within 1..2K; "
                         "SpecExec-style for int4 / MODEL, several prompt matches for ngram) and "
                         "verify it in one pass; exact for greedy and sampling alike "
                         "(default: a chain)")

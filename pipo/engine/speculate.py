@@ -31,10 +31,9 @@ import torch
 
 from pipo.engine.loop import Generation
 from pipo.engine.speculate_dag import DraftPrograms, verify_with_drafting
-from pipo.engine.speculate_tree import tree_rounds
+from pipo.engine.speculate_tree import EMA, tree_rounds
 from pipo.ops.sampling import SamplingParams, make_generator, probabilities
 
-EMA = 0.5
 GREEDY = SamplingParams()
 
 

@@ -17,14 +17,21 @@ discarded: resident, offloaded and disk KV alike, as truncation only lowers the 
 other accepted tokens are re-fed as the pending chain of the next round's pass, which is link-bound,
 so they are almost free. Moving KV entries instead would need a copy per KV tier; re-feeding needs
 none. The draft keeps only the committed tokens' KV (``ModelDraft.rollback``).
+
+Depth: a round drafts with up to ``k_max`` draft steps; when ``adaptive``, 2 + the exponential
+average of accepted tree tokens per round, rounded up (a shallow, wider tree when the draft is
+often wrong; the same N tokens either way).
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from pipo.engine.draft_tree import DraftTree, TreeBuilder, accepted_path
 from pipo.engine.speculate_dag import DraftPrograms
+
+EMA = 0.5  # weight of the running average of accepted tokens per round (chains and trees)
 from pipo.ops.sampling import probabilities
 
 
@@ -79,13 +86,18 @@ class TreeRound:
         return {self.row: tokens}, {self.row: parents}
 
 
+def drafts_in_dag(spec) -> bool:
+    """Whether tree rounds draft inside the verify pass's DAG (a model draft and ``overlap``)."""
+    return spec.overlap and hasattr(spec.draft, "tree_root")
+
+
 def draft_and_verify(spec, batch, row: int, seq: list[int], pending: list[int], depth: int,
                      programs: DraftPrograms):
     """One round: (tree, target logits [len(pending) + len(tree), V], draft seconds)."""
     draft = spec.draft
     if depth and hasattr(draft, "tree_root"):
         builder = TreeBuilder(draft, seq, spec.budget, depth)
-        if spec.overlap:
+        if drafts_in_dag(spec):
             round_ = TreeRound(builder, row, pending)
             wait = batch.submit_prelude([row], "all",
                                         lambda phase: programs.get(batch.plan, phase, depth), round_)
@@ -108,6 +120,7 @@ def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int,
     ``out`` (``seq``: the committed sequence, extended in place; ``stats``: a SpecStats)."""
     eos = set(spec.spec.eos_ids)
     pending: list[int] = []
+    steps, ema = spec.k_max, float(spec.k)
     while token not in eos and len(out) < max_new:
         out.append(token)
         emit(token)
@@ -115,15 +128,14 @@ def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int,
         pending.append(token)
         if len(out) == max_new:
             break
-        depth = max(0, min(spec.k_max, max_new - len(out) - 1))
+        depth = max(0, min(steps, max_new - len(out) - 1))
         kept = batch.length(row)
         t0 = time.perf_counter()
         tree, logits, draft_s = draft_and_verify(spec, batch, row, seq, pending, depth,
                                                  spec._programs)
-        overlapped = spec.overlap and hasattr(spec.draft, "tree_root")
         stats.draft_s += draft_s
         stats.verify_s.setdefault(len(tree), []).append(
-            time.perf_counter() - t0 - (0.0 if overlapped else draft_s))
+            time.perf_counter() - t0 - (0.0 if drafts_in_dag(spec) else draft_s))
         path, token = accepted_path(tree, target_choice(logits[len(pending) - 1:], sampling,
                                                         generator))
         keep = in_place(path)
@@ -141,3 +153,6 @@ def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int,
             emit(accepted)
             seq.append(accepted)
         spec.draft.rollback(seq)
+        if spec.adaptive and len(tree):
+            ema = EMA * ema + (1 - EMA) * len(path)
+            steps = max(1, min(spec.k_max, math.ceil(ema) + 2))

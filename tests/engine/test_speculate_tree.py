@@ -231,6 +231,6 @@ def test_tree_drafting_runs_inside_the_verify_pass_dag(families):
     runs = [s for s in spec.step_stats if any(r.name.startswith("DraftStep") for r in s.records)]
     assert runs  # each tree round: draft steps, then the pass, in one run
     steps = [r for r in runs[0].records if r.name.startswith("DraftStep")]
-    assert len(steps) == spec.k_max
+    assert 1 <= len(steps) <= spec.k_max
     first_load = min(r.start_s for r in runs[0].records if r.name.startswith("LoadWeight"))
     assert first_load < max(r.end_s for r in steps)  # loads start before drafting ends
