@@ -20,9 +20,9 @@ def add_speculate_options(parser: argparse.ArgumentParser) -> None:
                    help="draft tokens per round to start with; adapts to the running acceptance "
                         "rate within 1..2K (default: %(default)s)")
     g.add_argument("--draft-budget", type=positive_int, default=None, metavar="N",
-                   help="draft a token tree of up to N tokens per round (depth adapted within 1..2K; "
-                        "SpecExec-style for int4 / MODEL, several prompt matches for ngram) and "
-                        "verify it in one pass; exact for greedy and sampling alike "
+                   help="draft a token tree of up to N tokens per round (depth adapted within "
+                        "1..2K; SpecExec-style for int4 / MODEL, several prompt matches for "
+                        "ngram) and verify it in one pass; exact for greedy and sampling alike "
                         "(default: a chain)")
     g.add_argument("--draft-group-size", type=int, default=128, metavar="N",
                    help="int4 group size of the int4 draft: 32, 64 or 128 (default: %(default)s)")
