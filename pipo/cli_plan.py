@@ -95,7 +95,8 @@ def describe_profile(profile) -> str:
         f"{profile.h2d_pageable_bps / 1e9:.2f} GB/s pageable"),
         (f"d2h         {profile.d2h_pinned_bps / 1e9:.2f} GB/s pinned, "
         f"{profile.d2h_pageable_bps / 1e9:.2f} GB/s pageable"),
-        f"disk        {profile.disk_read_bps / 1e9:.2f} GB/s (O_DIRECT reads)",
+        (f"disk        {profile.disk_block_s * 1e3:.2f} ms per block + "
+        f"{profile.disk_read_bps / 1e9:.2f} GB/s (the engine's store reads, page cache bypassed)"),
         (f"compute     {c.fixed_s * 1e6:.1f} us per op + {c.s_per_weight_byte * 1e12:.2f} ps per "
         f"weight byte + {c.s_per_flop * 1e12:.2f} ps per flop + "
         f"{c.s_per_attn_flop * 1e12:.2f} ps per attention flop + {c.s_per_elem * 1e9:.2f} ns "

@@ -1,7 +1,8 @@
 """Task durations from a machine profile: the cost model the simulator replays.
 
 - Weight loads: block bytes / link bandwidth (host -> device, pinned on a GPU; a memcpy on a CPU),
-  or / disk bandwidth when the disk lane reads a block (``ReadBlock``, unstaged disk loads).
+  or, when the disk lane reads a block (``ReadBlock``, unstaged disk loads), the probed cost of the
+  engine's block read: ``disk_block_s`` + block bytes / ``disk_read_bps``.
 - KV loads and saves: the bytes of the positions they move (the cache before ``start``; this
   step's ``t`` new entries) / link bandwidth.
 - Compute: :class:`~pipo.planner.profile.ComputeFit` · :func:`compute_features`.
@@ -86,7 +87,7 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
         if isinstance(task, Compute):
             seconds = compute_s(task)
         elif isinstance(task, ReadBlock) or (isinstance(task, LoadWeight) and task.lane == DISK):
-            seconds = sizes[task.block] / profile.disk_read_bps
+            seconds = profile.disk_block_s + sizes[task.block] / profile.disk_read_bps
         elif isinstance(task, LoadWeight):
             seconds = sizes[task.block] / h2d
         elif isinstance(task, LoadKV):

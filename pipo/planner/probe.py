@@ -2,9 +2,9 @@
 
 - Links: a copy of a 64 MiB buffer into a device slot and back (on a CPU: a memcpy between two
   host buffers, which is what a LoadWeight does there), from pinned and from pageable memory.
-- Disk: sequential ``O_DIRECT`` reads of a scratch file on the file system of ``disk_dir`` (the
-  store's), page cache bypassed; a file system that refuses ``O_DIRECT`` is read after
-  ``POSIX_FADV_DONTNEED``.
+- Disk: block reads of a scratch offload store on the file system of ``disk_dir`` (the store's)
+  through the engine's own read path, page cache bypassed, fitted as a fixed cost per block plus
+  bytes / bandwidth (:mod:`pipo.planner.probe_disk`).
 - Compute: the blocks as the engine runs them (:mod:`pipo.ops.layers`; attention over packed
   rows, :mod:`pipo.ops.rows`) on random blocks of three llama shapes (a 135M-class one and two
   wider ones whose weights exceed a CPU cache) at a few token counts and context lengths; a
@@ -18,8 +18,6 @@ machine's typical contention, as the runs after it will.
 
 from __future__ import annotations
 
-import mmap
-import os
 import statistics
 import tempfile
 import time
@@ -31,13 +29,13 @@ import torch
 
 from pipo.io.spec import ModelSpec
 from pipo.planner.costs import compute_features
+from pipo.planner.fit import nnls
+from pipo.planner.probe_disk import disk_read_cost
 from pipo.planner.profile import ComputeFit, Profile, hardware_key
 from pipo.runtime import Executors, GraphBuilder, Runtime, Task
 from pipo.runtime.tasks import COMPUTE, LOAD_WEIGHT
 
 COPY_NBYTES = 64 * 2**20
-DISK_NBYTES = 64 * 2**20
-DISK_CHUNK_NBYTES = 4 * 2**20
 # weights larger than a CPU's last-level cache, as a model's are (they stream from DRAM)
 SHAPES = (ModelSpec("llama", vocab_size=49152, hidden=576, n_layers=1, n_heads=9, n_kv_heads=3,
                     head_dim=64, ffn=1536, max_positions=4096),
@@ -53,10 +51,11 @@ def probe(device: str = "cpu", dtype: str = "float32", disk_dir: str | None = No
     dev, dt = torch.device(device), getattr(torch, dtype)
     h2d_pinned, h2d_pageable = _copy_bps(dev, to_device=True)
     d2h_pinned, d2h_pageable = _copy_bps(dev, to_device=False)
+    disk_block_s, disk_bps = disk_read_cost(disk_dir or tempfile.gettempdir())
     return Profile(key=hardware_key(device, dtype), device=device, dtype=dtype,
                    h2d_pinned_bps=h2d_pinned, h2d_pageable_bps=h2d_pageable,
                    d2h_pinned_bps=d2h_pinned, d2h_pageable_bps=d2h_pageable,
-                   disk_read_bps=disk_read_bps(disk_dir or tempfile.gettempdir()),
+                   disk_read_bps=disk_bps, disk_block_s=disk_block_s,
                    task_overhead_s=task_overhead_s(COMPUTE),
                    thread_task_overhead_s=task_overhead_s(LOAD_WEIGHT),
                    step_overhead_s=_step_overhead_s(dev), compute=fit_compute(dev, dt))
@@ -90,38 +89,6 @@ def _copy_bps(dev: torch.device, to_device: bool) -> tuple[float, float]:
                             sync=_sync(dev))
         rates.append(COPY_NBYTES / seconds)
     return rates[0], rates[1]
-
-
-def disk_read_bps(directory: str) -> float:
-    """Sequential read bandwidth of a scratch file in ``directory`` with the page cache bypassed."""
-    fd_w, path = tempfile.mkstemp(prefix=".pipo-probe-", dir=directory)
-    try:
-        chunk = os.urandom(2**20) * (DISK_CHUNK_NBYTES // 2**20)
-        with os.fdopen(fd_w, "wb") as f:
-            for _ in range(DISK_NBYTES // DISK_CHUNK_NBYTES):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        return DISK_NBYTES / min(_read_file_s(path) for _ in range(2))
-    finally:
-        os.unlink(path)
-
-
-def _read_file_s(path: str) -> float:
-    buffer = mmap.mmap(-1, DISK_CHUNK_NBYTES)  # page aligned, as O_DIRECT needs
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        for offset in range(0, DISK_NBYTES, DISK_CHUNK_NBYTES):
-            os.preadv(fd, [buffer], offset)
-        return time.perf_counter() - t0
-    finally:
-        os.close(fd)
-        buffer.close()
 
 
 def task_overhead_s(lane: str, n_tasks: int = 300) -> float:
@@ -163,7 +130,7 @@ def fit_compute(dev: torch.device, dtype: torch.dtype) -> ComputeFit:
                 run = _block_call(spec, part, blocks[part], b, t, context, dev, dtype)
                 times.append(_median_s(run, repeats=3, sync=_sync(dev)))
                 rows.append(compute_features(spec, part, b, t, context, dtype.itemsize, None))
-    coef = _nnls(np.array(rows, dtype=float), np.array(times, dtype=float))
+    coef = nnls(np.array(rows, dtype=float), np.array(times, dtype=float))
     return ComputeFit(*map(float, coef))
 
 
@@ -196,19 +163,3 @@ def _block_call(spec, part, w, b, t, context, dev, dtype):
     v = torch.zeros_like(k)
     prep = row_attention_inputs(rows, spec, rope_tables(spec, trash, dev, dtype), dtype)
     return lambda: row_attention_block(w, x, k, v, prep, spec)
-
-
-def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with non-negative coefficients (active set: drop negatives, refit), fitted
-    on relative error so small and large blocks weigh alike."""
-    scale = 1.0 / np.maximum(y, 1e-9)
-    a, y = a * scale[:, None], y * scale
-    active = list(range(a.shape[1]))
-    coef = np.zeros(a.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(a[:, active], y, rcond=None)
-        if (sol >= 0).all():
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))
-    return coef

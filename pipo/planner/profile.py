@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipo.runtime.render import atomic_write
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class Profile:
     """One machine, as measured: bandwidths in bytes per second, times in seconds.
 
     ``h2d_*`` / ``d2h_*``: host -> device and back, from pinned and pageable host memory (on a CPU:
-    a memcpy into a slot); ``disk_read_bps``: O_DIRECT reads on the store's file system;
+    a memcpy into a slot); ``disk_read_bps`` and ``disk_block_s``: one block read from an offload
+    store on its file system, as the engine reads it, costs ``disk_block_s + nbytes / disk_read_bps``;
     ``task_overhead_s``: the scheduler's own cost per task; ``step_overhead_s``: host work per step
     besides the tasks (inputs, logits, sampling); ``compute``: the block compute fit.
     """
@@ -57,6 +58,7 @@ class Profile:
     step_overhead_s: float
     compute: ComputeFit
     thread_task_overhead_s: float = 100e-6
+    disk_block_s: float = 0.0
     measured: bool = True
     version: int = PROFILE_VERSION
 
@@ -118,7 +120,7 @@ def nominal_profile(device: str = "cpu", dtype: str = "float32") -> Profile:
     """Round numbers for a machine not measured yet (10 GB/s links, 1.5 GB/s disk)."""
     return Profile(key="nominal", device=device, dtype=dtype, h2d_pinned_bps=10e9,
                    h2d_pageable_bps=10e9, d2h_pinned_bps=10e9, d2h_pageable_bps=10e9,
-                   disk_read_bps=1.5e9, task_overhead_s=30e-6, step_overhead_s=300e-6,
+                   disk_read_bps=1.5e9, disk_block_s=200e-6, task_overhead_s=30e-6, step_overhead_s=300e-6,
                    compute=ComputeFit(), measured=False)
 
 

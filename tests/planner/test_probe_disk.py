@@ -1,0 +1,58 @@
+"""The disk probe times the engine's own block reads and fits fixed + bytes / bandwidth."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipo.io.spec import ModelSpec
+from pipo.io.store_read import OffloadStore
+from pipo.planner import probe_disk
+from pipo.planner.costs import task_durations
+from pipo.planner.profile import nominal_profile
+from pipo.plan import fixed_plan, estimate_block_nbytes
+from pipo.runtime.tasks import ReadBlock
+
+TINY = ModelSpec("llama", vocab_size=64, hidden=64, n_layers=2, n_heads=2, n_kv_heads=1,
+                 head_dim=32, ffn=128, max_positions=32)
+
+
+def test_the_fit_recovers_a_fixed_cost_and_a_bandwidth():
+    sizes = [2**20, 4 * 2**20, 16 * 2**20]
+    seconds = [3e-4 + n / 1.2e9 for n in sizes]
+    fixed_s, bps = probe_disk.fit_block_reads(sizes, seconds)
+    assert fixed_s == pytest.approx(3e-4, rel=1e-6) and bps == pytest.approx(1.2e9, rel=1e-6)
+
+
+def test_times_without_a_size_trend_are_charged_per_byte():
+    fixed_s, bps = probe_disk.fit_block_reads([2**20, 2**22], [2e-3, 1e-3])
+    assert fixed_s >= 0 and bps > 0
+
+
+def test_the_probe_reads_through_the_engines_read_path(tmp_path, monkeypatch):
+    from pipo.engine.weights import DISK_CHUNK_NBYTES, DISK_DEPTH
+
+    calls = []
+    real = OffloadStore.read_block_into
+
+    async def spy(self, block, buffer, *, chunk_nbytes, depth):
+        calls.append((block, chunk_nbytes, depth))
+        return await real(self, block, buffer, chunk_nbytes=chunk_nbytes, depth=depth)
+
+    monkeypatch.setattr(OffloadStore, "read_block_into", spy)
+    fixed_s, bps = probe_disk.disk_read_cost(str(tmp_path), TINY)
+    assert fixed_s >= 0 and bps > 0
+    n_blocks = len(TINY.block_names())
+    assert len(calls) == (probe_disk.REPEATS + 1) * n_blocks
+    assert {(c, d) for _, c, d in calls} == {(DISK_CHUNK_NBYTES, DISK_DEPTH)}
+    assert list(tmp_path.iterdir()) == []  # the scratch store is removed
+
+
+def test_a_disk_read_costs_the_fixed_part_plus_bytes_over_bandwidth():
+    from dataclasses import replace
+
+    profile = replace(nominal_profile(), disk_read_bps=1e9, disk_block_s=5e-4)
+    sizes = estimate_block_nbytes(TINY, 4)
+    plan = fixed_plan(TINY, sizes, "disk", batch=1, max_len=8)
+    duration = task_durations(TINY, plan, profile, start=4, t=1, dtype_nbytes=4)
+    got = duration(ReadBlock("L0.mlp", 0))
+    assert got == pytest.approx(5e-4 + sizes["L0.mlp"] / 1e9 + profile.task_overhead_s)
