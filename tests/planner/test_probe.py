@@ -1,4 +1,5 @@
-"""The disk probe times the engine's own block reads and fits fixed + bytes / bandwidth."""
+"""The probe: the disk lane timed through the engine's own block reads (fixed + bytes / bandwidth),
+compute timed on weights out of the cache."""
 
 from __future__ import annotations
 
@@ -56,3 +57,16 @@ def test_a_disk_read_costs_the_fixed_part_plus_bytes_over_bandwidth():
     duration = task_durations(TINY, plan, profile, start=4, t=1, dtype_nbytes=4)
     got = duration(ReadBlock("L0.mlp", 0))
     assert got == pytest.approx(5e-4 + sizes["L0.mlp"] / 1e9 + profile.task_overhead_s)
+
+
+def test_compute_is_timed_on_copies_that_exceed_the_cache():
+    import torch
+
+    from pipo.planner.probe import cache_nbytes, weight_copies
+
+    assert cache_nbytes(torch.device("cpu")) > 0
+    w = {"w": torch.ones(256, 256), "eps": 1e-5}
+    copies = weight_copies(w, 10 * 256 * 256 * 4 + 1)
+    assert len(copies) == 11 and copies[0] is w
+    assert all(c["w"].data_ptr() != w["w"].data_ptr() for c in copies[1:])
+    assert all(torch.equal(c["w"], w["w"]) and c["eps"] == 1e-5 for c in copies)
