@@ -31,13 +31,18 @@ from pipo.runtime.tasks import (
 )
 
 OPS_PER_PART = {"embed": 1, "attn": 6, "mlp": 3, "head": 2}
+# products of 1-2 rows run at a matrix-vector kernel's speed; from 3 rows on a CPU's matrix-matrix
+# kernel reads the weights at about half that rate until the flops dominate (measured: a head over
+# 4 or 8 rows takes 2-3.5x one row's time)
+GEMM_MIN_ROWS = 3
 
 
 def compute_features(spec: ModelSpec, part: str, rows: int, t: int, context: int,
                      dtype_nbytes: int, int4_group: int | None,
                      sizes: Mapping[str, int] | None = None) -> list[float]:
     """The features of one block compute, in :class:`ComputeFit` field order: operations, weight
-    bytes read, 2·tokens·weights, 2·tokens·context·query width (attention), tokens·hidden.
+    bytes read, 2·tokens·weights, 2·tokens·context·query width (attention), tokens·hidden, and the
+    weight bytes again when the products have :data:`GEMM_MIN_ROWS` rows or more.
 
     ``rows`` sequences of ``t`` new tokens each, attending over ``context`` positions; the head runs
     on each row's last token only. ``sizes``: the placed block sizes, when not the plain estimate.
@@ -47,10 +52,10 @@ def compute_features(spec: ModelSpec, part: str, rows: int, t: int, context: int
     n_weights = estimate_block_nbytes(spec, 1)[block]
     tokens = rows if part == "head" else rows * t
     if part == "embed":
-        return [1.0, 0.0, 0.0, 0.0, float(tokens * spec.hidden)]
+        return [1.0, 0.0, 0.0, 0.0, float(tokens * spec.hidden), 0.0]
     attn = 2.0 * rows * t * context * spec.n_heads * spec.head_dim if part == "attn" else 0.0
     return [float(OPS_PER_PART[part]), float(weight_nbytes), 2.0 * tokens * n_weights, attn,
-            float(tokens * spec.hidden)]
+            float(tokens * spec.hidden), float(weight_nbytes) if tokens >= GEMM_MIN_ROWS else 0.0]
 
 
 def link_bps(profile: Profile, to_device: bool, cap_bps: float | None = None) -> float:

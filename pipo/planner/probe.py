@@ -49,7 +49,8 @@ SHAPES = (ModelSpec("llama", vocab_size=49152, hidden=576, n_layers=1, n_heads=9
                     head_dim=64, ffn=2816, max_positions=4096),
           ModelSpec("llama", vocab_size=16000, hidden=2048, n_layers=1, n_heads=32, n_kv_heads=8,
                     head_dim=64, ffn=5632, max_positions=4096))
-POINTS = ((1, 1, 64), (1, 1, 1024), (8, 1, 256), (32, 1, 256), (1, 64, 64), (4, 128, 128))
+POINTS = ((1, 1, 64), (1, 1, 1024), (2, 1, 128), (4, 1, 64), (8, 1, 256), (32, 1, 256),
+          (1, 64, 64), (4, 128, 128))
 
 
 def probe(device: str = "cpu", dtype: str = "float32", disk_dir: str | None = None) -> Profile:
@@ -132,15 +133,24 @@ def fit_compute(dev: torch.device, dtype: torch.dtype) -> ComputeFit:
         blocks = _random_blocks(spec, dev, dtype)
         for part in ("attn", "mlp", "head"):
             copies = weight_copies(blocks[part], 2 * cache_nbytes(dev))
-            for b, t, context in POINTS:
-                if part != "attn" and context != POINTS[0][2] and t == 1:
-                    continue  # context matters to attention only
+            for b, t, context in _points(part):
                 run = _block_call(spec, part, copies, b, t, context, dev, dtype)
                 times.append(_median_s(run, repeats=5, sync=_sync(dev)))
                 rows.append(compute_features(spec, part, b, t, context, dtype.itemsize, None))
             del copies
     coef = nnls(np.array(rows, dtype=float), np.array(times, dtype=float))
     return ComputeFit(*map(float, coef))
+
+
+def _points(part: str) -> list[tuple[int, int, int]]:
+    """The (rows, new tokens, context) points timed for ``part``: all of them for attention, one
+    per (rows, tokens) elsewhere (context matters to attention only)."""
+    if part == "attn":
+        return list(POINTS)
+    firsts = {}
+    for b, t, context in POINTS:
+        firsts.setdefault((b, t), (b, t, context))
+    return list(firsts.values())
 
 
 def cache_nbytes(dev: torch.device) -> int:
@@ -191,7 +201,8 @@ def _block_call(spec, part, copies, b, t, context, dev, dtype):
     if part == "mlp":
         return lambda: layers.mlp_block(next(ws), x, spec)
     if part == "head":
-        return lambda: layers.head(next(ws), x[0, t - 1::t], spec)     # each row's last token
+        last = torch.arange(t - 1, b * t, t, device=dev)  # each row's last token, gathered
+        return lambda: layers.head(next(ws), x[0, last], spec)        # as the engine does
     start = max(context - t, 0)
     trash = start + t  # the cache's last slot, as pipo.engine.kv lays it out
     rows = pack_rows([(row, start, t) for row in range(b)], b * t, trash, b).to(lambda v: v.to(dev))

@@ -18,21 +18,26 @@ from pathlib import Path
 
 from pipo.runtime.render import atomic_write
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 
 
 @dataclass(frozen=True)
 class ComputeFit:
     """Seconds of one block's compute: ``fixed_s`` per matrix product, plus ``s_per_weight_byte``
     per weight byte read, ``s_per_flop`` per multiply-add pair of the products (2·tokens·weights),
-    ``s_per_attn_flop`` per 2·tokens·context·(query width) of attention, and ``s_per_elem`` per
-    element of the hidden state touched by norms and activations (tokens·width)."""
+    ``s_per_attn_flop`` per 2·tokens·context·(query width) of attention, ``s_per_elem`` per
+    element of the hidden state touched by norms and activations (tokens·width), and
+    ``s_per_gemm_weight_byte`` more per weight byte when the products have
+    :data:`~pipo.planner.costs.GEMM_MIN_ROWS` rows or more (a matrix-matrix kernel at a few rows
+    reads its weights slower than the matrix-vector one: a CPU head over 4 rows takes about twice
+    one row's time)."""
 
     fixed_s: float = 20e-6
     s_per_weight_byte: float = 1 / 10e9
     s_per_flop: float = 1 / 50e9
     s_per_attn_flop: float = 1 / 20e9
     s_per_elem: float = 2e-9
+    s_per_gemm_weight_byte: float = 0.0
 
 
 @dataclass(frozen=True)

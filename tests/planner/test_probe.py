@@ -70,3 +70,23 @@ def test_compute_is_timed_on_copies_that_exceed_the_cache():
     assert len(copies) == 11 and copies[0] is w
     assert all(c["w"].data_ptr() != w["w"].data_ptr() for c in copies[1:])
     assert all(torch.equal(c["w"], w["w"]) and c["eps"] == 1e-5 for c in copies)
+
+
+def test_products_of_three_rows_or_more_pay_the_matrix_matrix_term():
+    from pipo.planner.costs import GEMM_MIN_ROWS, compute_features
+
+    spec = TINY
+    bytes_of = estimate_block_nbytes(spec, 4)["L0.mlp"]
+    few = compute_features(spec, "mlp", GEMM_MIN_ROWS - 1, 1, 8, 4, None)
+    more = compute_features(spec, "mlp", GEMM_MIN_ROWS, 1, 8, 4, None)
+    assert few[-1] == 0.0 and more[-1] == bytes_of
+    assert compute_features(spec, "head", 1, 64, 64, 4, None)[-1] == 0.0  # one row's last token
+
+
+def test_mlp_and_head_are_timed_at_every_row_count():
+    from pipo.planner.probe import POINTS, _points
+
+    rows_tokens = {(b, t) for b, t, _ in POINTS}
+    assert {(b, t) for b, t, _ in _points("mlp")} == rows_tokens == {
+        (b, t) for b, t, _ in _points("head")}
+    assert len(_points("mlp")) == len(rows_tokens) and _points("attn") == list(POINTS)
