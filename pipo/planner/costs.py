@@ -5,7 +5,10 @@
   engine's block read: ``disk_block_s`` + block bytes / ``disk_read_bps``.
 - KV loads and saves: the bytes of the positions they move (the cache before ``start``; this
   step's ``t`` new entries) / link bandwidth.
-- Compute: :class:`~pipo.planner.profile.ComputeFit` · :func:`compute_features`.
+- Compute: :class:`~pipo.planner.profile.ComputeFit` · :func:`compute_features`, with the
+  profile's ``compute`` fit (weights read from memory) for a block's first micro-batch of the step
+  and its ``compute_hot`` fit for the later ones when the block fits the last-level cache (they
+  find its weights there).
 - Every task also pays the scheduler's overhead: ``thread_task_overhead_s`` on a CPU copy lane (a
   worker thread's round trip), ``task_overhead_s`` elsewhere.
 ``link_bps`` caps both link directions (``--link-gbps``), as the token bucket on the lanes does.
@@ -73,7 +76,7 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
     sizes = sizes or estimate_block_nbytes(spec, dtype_nbytes, int4_group)
     h2d, d2h = link_bps(profile, True, cap_bps), link_bps(profile, False, cap_bps)
     kv_per_pos = 2 * spec.n_kv_heads * spec.head_dim * dtype_nbytes  # K and V of one row, 1 layer
-    fit = astuple(profile.compute)
+    fits = (astuple(profile.compute), astuple(profile.compute_hot or profile.compute))
     cache: dict[tuple, float] = {}
     on_cpu = profile.device == "cpu"
 
@@ -81,11 +84,12 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
         return min(plan.micro_batch, plan.batch - micro * plan.micro_batch)
 
     def compute_s(task: Compute) -> float:
-        key = (block_part(task.block), rows(task.micro))
+        hot = task.micro > 0 and sizes[task.block] <= profile.cache_nbytes
+        key = (block_part(task.block), rows(task.micro), hot)
         if key not in cache:
             feats = compute_features(spec, key[0], key[1], t, start + t, dtype_nbytes, int4_group,
                                      sizes)
-            cache[key] = sum(c * f for c, f in zip(fit, feats, strict=True))
+            cache[key] = sum(c * f for c, f in zip(fits[hot], feats, strict=True))
         return cache[key]
 
     def duration(task: Task) -> float:

@@ -59,13 +59,15 @@ def probe(device: str = "cpu", dtype: str = "float32", disk_dir: str | None = No
     h2d_pinned, h2d_pageable = _copy_bps(dev, to_device=True)
     d2h_pinned, d2h_pageable = _copy_bps(dev, to_device=False)
     disk_block_s, disk_bps = disk_read_cost(disk_dir or tempfile.gettempdir())
+    cold, hot = fit_compute(dev, dt)
     return Profile(key=hardware_key(device, dtype), device=device, dtype=dtype,
                    h2d_pinned_bps=h2d_pinned, h2d_pageable_bps=h2d_pageable,
                    d2h_pinned_bps=d2h_pinned, d2h_pageable_bps=d2h_pageable,
                    disk_read_bps=disk_bps, disk_block_s=disk_block_s,
                    task_overhead_s=task_overhead_s(COMPUTE),
                    thread_task_overhead_s=task_overhead_s(LOAD_WEIGHT),
-                   step_overhead_s=_step_overhead_s(dev), compute=fit_compute(dev, dt))
+                   step_overhead_s=_step_overhead_s(dev), compute=cold, compute_hot=hot,
+                   cache_nbytes=cache_nbytes(dev))
 
 
 def _median_s(fn, repeats: int = 5, sync=None) -> float:
@@ -125,21 +127,23 @@ class _Nop(Task):
     i: int
 
 
-def fit_compute(dev: torch.device, dtype: torch.dtype) -> ComputeFit:
-    """Time pipo's block functions on random blocks (weights out of the cache) and fit a
-    :class:`ComputeFit`."""
-    rows, times = [], []
+def fit_compute(dev: torch.device, dtype: torch.dtype) -> tuple[ComputeFit, ComputeFit]:
+    """Time pipo's block functions on random blocks and fit two :class:`ComputeFit`: with the
+    weights coming from memory (the next of several copies each call) and with them hot in the
+    cache (the same copy again, as a step's later micro-batches find them)."""
+    rows, cold, hot = [], [], []
     for spec in SHAPES:
         blocks = _random_blocks(spec, dev, dtype)
         for part in ("attn", "mlp", "head"):
             copies = weight_copies(blocks[part], 2 * cache_nbytes(dev))
             for b, t, context in _points(part):
-                run = _block_call(spec, part, copies, b, t, context, dev, dtype)
-                times.append(_median_s(run, repeats=5, sync=_sync(dev)))
+                for ws, times in ((copies, cold), (copies[:1], hot)):
+                    run = _block_call(spec, part, ws, b, t, context, dev, dtype)
+                    times.append(_median_s(run, repeats=5, sync=_sync(dev)))
                 rows.append(compute_features(spec, part, b, t, context, dtype.itemsize, None))
             del copies
-    coef = nnls(np.array(rows, dtype=float), np.array(times, dtype=float))
-    return ComputeFit(*map(float, coef))
+    a = np.array(rows, dtype=float)
+    return tuple(ComputeFit(*map(float, nnls(a, np.array(t, dtype=float)))) for t in (cold, hot))
 
 
 def _points(part: str) -> list[tuple[int, int, int]]:

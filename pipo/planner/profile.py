@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipo.runtime.render import atomic_write
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ class Profile:
     a memcpy into a slot); ``disk_read_bps`` and ``disk_block_s``: one block read from an offload
     store on its file system, as the engine reads it, costs ``disk_block_s + nbytes / disk_read_bps``;
     ``task_overhead_s``: the scheduler's own cost per task; ``step_overhead_s``: host work per step
-    besides the tasks (inputs, logits, sampling); ``compute``: the block compute fit.
+    besides the tasks (inputs, logits, sampling); ``compute``: the block compute fit with the
+    weights read from memory, ``compute_hot`` with them in the last-level cache of
+    ``cache_nbytes`` bytes (a block's later micro-batches in a step; ``None``: as ``compute``).
     """
 
     key: str
@@ -64,6 +66,8 @@ class Profile:
     compute: ComputeFit
     thread_task_overhead_s: float = 100e-6
     disk_block_s: float = 0.0
+    compute_hot: ComputeFit | None = None
+    cache_nbytes: int = 0
     measured: bool = True
     version: int = PROFILE_VERSION
 
@@ -77,6 +81,8 @@ class Profile:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in doc.items() if k in names}
         values["compute"] = ComputeFit(**doc["compute"])
+        if doc.get("compute_hot") is not None:
+            values["compute_hot"] = ComputeFit(**doc["compute_hot"])
         return cls(**values)
 
 

@@ -90,3 +90,31 @@ def test_mlp_and_head_are_timed_at_every_row_count():
     assert {(b, t) for b, t, _ in _points("mlp")} == rows_tokens == {
         (b, t) for b, t, _ in _points("head")}
     assert len(_points("mlp")) == len(rows_tokens) and _points("attn") == list(POINTS)
+
+
+def test_later_micro_batches_of_a_cached_block_compute_at_the_hot_fit():
+    from dataclasses import replace
+
+    from pipo.planner.profile import ComputeFit, Profile
+    from pipo.runtime.tasks import Compute
+
+    cold = ComputeFit(1e-3, 0.0, 0.0, 0.0, 0.0, 0.0)
+    hot = ComputeFit(1e-4, 0.0, 0.0, 0.0, 0.0, 0.0)
+    sizes = estimate_block_nbytes(TINY, 4)
+    plan = fixed_plan(TINY, sizes, "resident", batch=4, max_len=8, micro_batch=2)
+
+    def seconds(cache_nbytes: int, micro: int) -> float:
+        profile = replace(nominal_profile(), compute=cold, compute_hot=hot,
+                          cache_nbytes=cache_nbytes, task_overhead_s=0.0)
+        duration = task_durations(TINY, plan, profile, start=4, t=1, dtype_nbytes=4)
+        return duration(Compute("L0.mlp", micro, None))
+
+    ops = 3  # an MLP block's matrix products
+    assert seconds(2**30, 0) == pytest.approx(ops * 1e-3)  # the first reads from memory
+    assert seconds(2**30, 1) == pytest.approx(ops * 1e-4)  # the next finds the block cached
+    assert seconds(sizes["L0.mlp"] - 1, 1) == pytest.approx(ops * 1e-3)  # too big to stay
+    doc = replace(nominal_profile(), compute_hot=hot, cache_nbytes=7).to_json()
+    import json
+
+    back = Profile.from_dict(json.loads(doc))
+    assert back.compute_hot == hot and back.cache_nbytes == 7
