@@ -28,7 +28,8 @@ def add_speculate_options(parser: argparse.ArgumentParser) -> None:
 
 def speculative(engine, args: argparse.Namespace, max_len: int, batch: int = 1):
     """``engine`` itself when not speculating, else a Speculator over it with the draft;
-    ``--speculate auto``: as the planner decides for ``batch`` rows (:mod:`pipo.planner.speculation`)."""
+    ``--speculate auto``: as the planner decides for ``batch`` rows
+    (:mod:`pipo.planner.speculation`)."""
     kind = args.speculate
     if kind == "auto":
         kind = _planned_kind(engine, max_len, batch, args.max_new_tokens, args.draft_group_size)

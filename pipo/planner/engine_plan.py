@@ -3,9 +3,9 @@
 Every manual plan option pins its choice (``placement``, ``kv_offload`` / ``kv_disk_dir``,
 ``micro_batch``, ``n_weight_slots``, ``n_kv_slots``, ``schedule``, ``weights="int4"``); the planner
 fills in the rest (:func:`engine_choice` scores the engine's own plan when no cap calls the
-planner; :func:`speculation_for` decides ``--speculate auto``). When no candidate fits, the refusal is a
-:class:`~pipo.errors.DeviceMemoryTooSmall` naming the exact smallest device memory with which the
-planner finds a plan (offloading the KV cache is already among its choices).
+planner; :func:`speculation_for` decides ``--speculate auto``). When no candidate fits, the
+refusal is a :class:`~pipo.errors.DeviceMemoryTooSmall` naming the exact smallest device memory
+with which the planner finds a plan (offloading the KV cache is already among its choices).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def engine_choice(engine, batch: int, max_len: int, *, prompt_len: int | None = 
     est = estimate(engine.spec, plan, profile, prompt_len=request.prompt_len,
                    new_tokens=request.new_tokens, dtype_nbytes=request.dtype_nbytes,
                    int4_group=group, link_bps=caps_for(engine).link_bps, sizes=sizes)
-    return Choice(plan, group is not None, est, tuple(memory_per_tier(plan, sizes, request).items()))
+    memory = tuple(memory_per_tier(plan, sizes, request).items())
+    return Choice(plan, group is not None, est, memory)
 
 
 def speculation_for(engine, batch: int, max_len: int, *, pin: str = AUTO,

@@ -79,7 +79,8 @@ def _timed_reads(store, blocks: list[str]) -> tuple[list[int], list[float]]:
 
 
 def fit_block_reads(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
-    """Fit ``seconds = fixed_s + nbytes / bps`` (non-negative, relative error); ``(fixed_s, bps)``."""
+    """Fit ``seconds = fixed_s + nbytes / bps`` (non-negative, relative error);
+    ``(fixed_s, bps)``."""
     a = np.column_stack([np.ones(len(sizes)), np.asarray(sizes, dtype=float)])
     fixed_s, s_per_byte = nnls(a, np.asarray(seconds, dtype=float))
     if s_per_byte <= 0:  # only the fixed cost explains the times: charge it per byte instead

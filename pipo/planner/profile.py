@@ -46,7 +46,8 @@ class Profile:
 
     ``h2d_*`` / ``d2h_*``: host -> device and back, from pinned and pageable host memory (on a CPU:
     a memcpy into a slot); ``disk_read_bps`` and ``disk_block_s``: one block read from an offload
-    store on its file system, as the engine reads it, costs ``disk_block_s + nbytes / disk_read_bps``;
+    store on its file system, as the engine reads it, costs
+    ``disk_block_s + nbytes / disk_read_bps``;
     ``task_overhead_s``: the scheduler's own cost per task; ``step_overhead_s``: host work per step
     besides the tasks (inputs, logits, sampling); ``compute``: the block compute fit with the
     weights read from memory, ``compute_hot`` with them in the last-level cache of

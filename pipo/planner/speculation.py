@@ -21,7 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from pipo.errors import PlanError
-from pipo.plan import ACTIVATION_RESERVE_FRACTION, HOST, RESIDENT, estimate_block_nbytes, kv_cache_nbytes
+from pipo.plan import (
+    ACTIVATION_RESERVE_FRACTION,
+    HOST,
+    RESIDENT,
+    estimate_block_nbytes,
+    kv_cache_nbytes,
+)
 from pipo.runtime.tasks import DISK, LOAD_WEIGHT
 
 AUTO, OFF, INT4 = "auto", "off", "int4"
