@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     check(args.ray is not None or (args.workers is None and args.gpus_per_worker is None),
           "--workers and --gpus-per-worker need --ray")
     check(args.ray is None or args.input is not None, "--ray needs --input FILE")
-    check(args.ray is None or args.speculate == "off", "--speculate does not run with --ray yet")
+    check(args.ray is None or args.speculate in ("off", "auto"),
+          "--speculate does not run with --ray yet")
     prompts = read_prompts(args.input) if args.input else None
     if args.ray is not None:
         from pipo.distributed.job import run_ray_batch
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return run_ray_batch(args, sampling, prompts)
     set_threads(args.threads)
     with open_engine(args) as target:
-        engine = speculative(target, args, _max_len(target, args, prompts))
+        batch = 1 if prompts is None else min(args.batch_size, len(prompts))
+        engine = speculative(target, args, _max_len(target, args, prompts), batch)
         try:
             if prompts is None:
                 return _stream_one(engine, args, sampling)

@@ -88,6 +88,8 @@ def run_probe(args: argparse.Namespace) -> int:
 
 def describe_profile(profile) -> str:
     """The profile's numbers, one per line, with units."""
+    from pipo.planner.costs import GEMM_MIN_ROWS
+
     c = profile.compute
     return "\n".join([
         f"device      {profile.device} ({profile.dtype})",
@@ -95,11 +97,13 @@ def describe_profile(profile) -> str:
         f"{profile.h2d_pageable_bps / 1e9:.2f} GB/s pageable"),
         (f"d2h         {profile.d2h_pinned_bps / 1e9:.2f} GB/s pinned, "
         f"{profile.d2h_pageable_bps / 1e9:.2f} GB/s pageable"),
-        f"disk        {profile.disk_read_bps / 1e9:.2f} GB/s (O_DIRECT reads)",
+        (f"disk        {profile.disk_block_s * 1e3:.2f} ms per block + "
+        f"{profile.disk_read_bps / 1e9:.2f} GB/s (the engine's store reads, page cache bypassed)"),
         (f"compute     {c.fixed_s * 1e6:.1f} us per op + {c.s_per_weight_byte * 1e12:.2f} ps per "
         f"weight byte + {c.s_per_flop * 1e12:.2f} ps per flop + "
         f"{c.s_per_attn_flop * 1e12:.2f} ps per attention flop + {c.s_per_elem * 1e9:.2f} ns "
-        f"per activation element"),
+        f"per activation element + {c.s_per_gemm_weight_byte * 1e12:.2f} ps per weight byte "
+        f"of products of {GEMM_MIN_ROWS} rows or more"),
         (f"overhead    {profile.task_overhead_s * 1e6:.1f} us per task, "
         f"{profile.step_overhead_s * 1e3:.2f} ms host work per step")])
 

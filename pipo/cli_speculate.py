@@ -10,12 +10,15 @@ from pipo.cli_options import positive_int
 def add_speculate_options(parser: argparse.ArgumentParser) -> None:
     """``--speculate``, ``--draft-tokens``, ``--draft-budget`` and ``--draft-group-size``."""
     g = parser.add_argument_group("speculative decoding (see docs/speculate.md)")
-    g.add_argument("--speculate", default="off", metavar="int4|MODEL|ngram|off",
+    g.add_argument("--speculate", default="auto", metavar="auto|int4|MODEL|ngram|off",
                    help="draft tokens and verify them in one pass of the target: int4 (the "
                         "model's own weights re-quantized to int4, resident), MODEL (a path to a "
                         "small model with the same tokenizer), ngram (prompt lookup, no model), "
-                        "off; output is identical to plain generation when greedy, and has the "
-                        "target's distribution when sampling (default: %(default)s)")
+                        "off; auto lets the planner decide: int4 at batch 1 when the decode step "
+                        "is link-bound (weights streamed from host RAM or disk) and the draft "
+                        "fits the memory caps, else off (pipo plan shows why); output is "
+                        "identical to plain generation when greedy, and has the target's "
+                        "distribution when sampling (default: %(default)s)")
     g.add_argument("--draft-tokens", type=positive_int, default=4, metavar="K",
                    help="draft tokens per round to start with; adapts to the running acceptance "
                         "rate within 1..2K (default: %(default)s)")
@@ -28,13 +31,33 @@ def add_speculate_options(parser: argparse.ArgumentParser) -> None:
                    help="int4 group size of the int4 draft: 32, 64 or 128 (default: %(default)s)")
 
 
-def speculative(engine, args: argparse.Namespace, max_len: int):
-    """``engine`` itself without ``--speculate``, else a Speculator over it with the draft."""
-    if args.speculate == "off":
+def speculative(engine, args: argparse.Namespace, max_len: int, batch: int = 1):
+    """``engine`` itself when not speculating, else a Speculator over it with the draft;
+    ``--speculate auto``: as the planner decides for ``batch`` rows
+    (:mod:`pipo.planner.speculation`)."""
+    kind = args.speculate
+    if kind == "auto":
+        kind = _planned_kind(engine, max_len, batch, args.max_new_tokens, args.draft_group_size)
+    if kind == "off":
         return engine
     from pipo.engine.drafts import make_draft
     from pipo.engine.speculate import Speculator
 
-    draft = make_draft(args.speculate, engine, max_len, group_size=args.draft_group_size)
+    draft = make_draft(kind, engine, max_len, group_size=args.draft_group_size)
     return Speculator(engine, draft, k=args.draft_tokens, k_max=2 * args.draft_tokens,
                       budget=args.draft_budget)
+
+
+def _planned_kind(engine, max_len: int, batch: int, new_tokens: int, group_size: int) -> str:
+    """The planner's speculation (int4 or off); with int4 the target runs within the device memory
+    the draft leaves."""
+    from dataclasses import replace
+
+    from pipo.planner.engine_plan import speculation_for
+
+    new_tokens = min(new_tokens, max_len - 1)
+    decision = speculation_for(engine, batch, max_len, prompt_len=max_len - new_tokens,
+                               new_tokens=new_tokens, group_size=group_size)
+    if decision.device_memory is not None:
+        engine.options = replace(engine.options, device_memory=decision.device_memory)
+    return decision.kind

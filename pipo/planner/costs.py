@@ -1,10 +1,14 @@
 """Task durations from a machine profile: the cost model the simulator replays.
 
 - Weight loads: block bytes / link bandwidth (host -> device, pinned on a GPU; a memcpy on a CPU),
-  or / disk bandwidth when the disk lane reads a block (``ReadBlock``, unstaged disk loads).
+  or, when the disk lane reads a block (``ReadBlock``, unstaged disk loads), the probed cost of the
+  engine's block read: ``disk_block_s`` + block bytes / ``disk_read_bps``.
 - KV loads and saves: the bytes of the positions they move (the cache before ``start``; this
   step's ``t`` new entries) / link bandwidth.
-- Compute: :class:`~pipo.planner.profile.ComputeFit` · :func:`compute_features`.
+- Compute: :class:`~pipo.planner.profile.ComputeFit` · :func:`compute_features`, with the
+  profile's ``compute`` fit (weights read from memory) for a block's first micro-batch of the step
+  and its ``compute_hot`` fit for the later ones when the block fits the last-level cache (they
+  find its weights there).
 - Every task also pays the scheduler's overhead: ``thread_task_overhead_s`` on a CPU copy lane (a
   worker thread's round trip), ``task_overhead_s`` elsewhere.
 ``link_bps`` caps both link directions (``--link-gbps``), as the token bucket on the lanes does.
@@ -30,13 +34,18 @@ from pipo.runtime.tasks import (
 )
 
 OPS_PER_PART = {"embed": 1, "attn": 6, "mlp": 3, "head": 2}
+# products of 1-2 rows run at a matrix-vector kernel's speed; from 3 rows on a CPU's matrix-matrix
+# kernel reads the weights at about half that rate until the flops dominate (measured: a head over
+# 4 or 8 rows takes 2-3.5x one row's time)
+GEMM_MIN_ROWS = 3
 
 
 def compute_features(spec: ModelSpec, part: str, rows: int, t: int, context: int,
                      dtype_nbytes: int, int4_group: int | None,
                      sizes: Mapping[str, int] | None = None) -> list[float]:
     """The features of one block compute, in :class:`ComputeFit` field order: operations, weight
-    bytes read, 2·tokens·weights, 2·tokens·context·query width (attention), tokens·hidden.
+    bytes read, 2·tokens·weights, 2·tokens·context·query width (attention), tokens·hidden, and the
+    weight bytes again when the products have :data:`GEMM_MIN_ROWS` rows or more.
 
     ``rows`` sequences of ``t`` new tokens each, attending over ``context`` positions; the head runs
     on each row's last token only. ``sizes``: the placed block sizes, when not the plain estimate.
@@ -46,10 +55,10 @@ def compute_features(spec: ModelSpec, part: str, rows: int, t: int, context: int
     n_weights = estimate_block_nbytes(spec, 1)[block]
     tokens = rows if part == "head" else rows * t
     if part == "embed":
-        return [1.0, 0.0, 0.0, 0.0, float(tokens * spec.hidden)]
+        return [1.0, 0.0, 0.0, 0.0, float(tokens * spec.hidden), 0.0]
     attn = 2.0 * rows * t * context * spec.n_heads * spec.head_dim if part == "attn" else 0.0
     return [float(OPS_PER_PART[part]), float(weight_nbytes), 2.0 * tokens * n_weights, attn,
-            float(tokens * spec.hidden)]
+            float(tokens * spec.hidden), float(weight_nbytes) if tokens >= GEMM_MIN_ROWS else 0.0]
 
 
 def link_bps(profile: Profile, to_device: bool, cap_bps: float | None = None) -> float:
@@ -67,7 +76,7 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
     sizes = sizes or estimate_block_nbytes(spec, dtype_nbytes, int4_group)
     h2d, d2h = link_bps(profile, True, cap_bps), link_bps(profile, False, cap_bps)
     kv_per_pos = 2 * spec.n_kv_heads * spec.head_dim * dtype_nbytes  # K and V of one row, 1 layer
-    fit = astuple(profile.compute)
+    fits = (astuple(profile.compute), astuple(profile.compute_hot or profile.compute))
     cache: dict[tuple, float] = {}
     on_cpu = profile.device == "cpu"
 
@@ -75,18 +84,19 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
         return min(plan.micro_batch, plan.batch - micro * plan.micro_batch)
 
     def compute_s(task: Compute) -> float:
-        key = (block_part(task.block), rows(task.micro))
+        hot = task.micro > 0 and sizes[task.block] <= profile.cache_nbytes
+        key = (block_part(task.block), rows(task.micro), hot)
         if key not in cache:
             feats = compute_features(spec, key[0], key[1], t, start + t, dtype_nbytes, int4_group,
                                      sizes)
-            cache[key] = sum(c * f for c, f in zip(fit, feats, strict=True))
+            cache[key] = sum(c * f for c, f in zip(fits[hot], feats, strict=True))
         return cache[key]
 
     def duration(task: Task) -> float:
         if isinstance(task, Compute):
             seconds = compute_s(task)
         elif isinstance(task, ReadBlock) or (isinstance(task, LoadWeight) and task.lane == DISK):
-            seconds = sizes[task.block] / profile.disk_read_bps
+            seconds = profile.disk_block_s + sizes[task.block] / profile.disk_read_bps
         elif isinstance(task, LoadWeight):
             seconds = sizes[task.block] / h2d
         elif isinstance(task, LoadKV):

@@ -2,9 +2,10 @@
 
 Every manual plan option pins its choice (``placement``, ``kv_offload`` / ``kv_disk_dir``,
 ``micro_batch``, ``n_weight_slots``, ``n_kv_slots``, ``schedule``, ``weights="int4"``); the planner
-fills in the rest. When no candidate fits, the refusal is a
-:class:`~pipo.errors.DeviceMemoryTooSmall` naming the exact smallest device memory with which the
-planner finds a plan (offloading the KV cache is already among its choices).
+fills in the rest (:func:`engine_choice` scores the engine's own plan when no cap calls the
+planner; :func:`speculation_for` decides ``--speculate auto``). When no candidate fits, the
+refusal is a :class:`~pipo.errors.DeviceMemoryTooSmall` naming the exact smallest device memory
+with which the planner finds a plan (offloading the KV cache is already among its choices).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from pipo.planner.search import (
     KV_DISK,
     KV_HOST,
     Caps,
+    Choice,
     Pins,
     PlannerResult,
     Request,
+    memory_per_tier,
     plan_run,
 )
+from pipo.planner.speculation import AUTO, DRAFT_GROUP, Speculation, decide, pinned
 
 
 def request_for(engine, batch: int, max_len: int, prompt_len: int | None = None,
@@ -63,7 +67,51 @@ def pins_for(engine, batch: int) -> Pins:
 def plan_engine(engine, batch: int, max_len: int, *, prompt_len: int | None = None,
                 new_tokens: int | None = None, profile: Profile | None = None) -> PlannerResult:
     """The planner's result for ``engine``'s options; the exact budget refusal when none fits."""
-    profile = profile or profile_for(engine.options.device, str(engine.dtype).split(".")[-1])
+    profile = profile or _profile(engine)
     request = request_for(engine, batch, max_len, prompt_len, new_tokens)
     pins = pins_for(engine, batch)
     return plan_run(request, caps_for(engine), profile, pins)
+
+
+def engine_choice(engine, batch: int, max_len: int, *, prompt_len: int | None = None,
+                  new_tokens: int | None = None, profile: Profile | None = None) -> Choice:
+    """The plan ``engine`` runs for this workload, scored: the planner's choice under the memory
+    caps, else the engine's own plan (placement and slots as the options say) with its
+    prediction."""
+    from pipo.engine.weights import placed_sizes
+    from pipo.planner.estimate import estimate
+
+    profile = profile or _profile(engine)
+    o = engine.options
+    if o.device_memory is not None or o.host_memory is not None:
+        return plan_engine(engine, batch, max_len, prompt_len=prompt_len, new_tokens=new_tokens,
+                           profile=profile).best
+    request = request_for(engine, batch, max_len, prompt_len, new_tokens)
+    plan, group = engine.plan_for(batch, max_len), o.int4_group()
+    sizes = placed_sizes(engine.source, engine.device, engine.dtype, group)
+    est = estimate(engine.spec, plan, profile, prompt_len=request.prompt_len,
+                   new_tokens=request.new_tokens, dtype_nbytes=request.dtype_nbytes,
+                   int4_group=group, link_bps=caps_for(engine).link_bps, sizes=sizes)
+    memory = tuple(memory_per_tier(plan, sizes, request).items())
+    return Choice(plan, group is not None, est, memory)
+
+
+def speculation_for(engine, batch: int, max_len: int, *, pin: str = AUTO,
+                    prompt_len: int | None = None, new_tokens: int | None = None,
+                    profile: Profile | None = None,
+                    group_size: int = DRAFT_GROUP) -> Speculation:
+    """Whether ``engine`` should speculate on this workload (:mod:`pipo.planner.speculation`);
+    ``pin``: the ``--speculate`` value; ``group_size``: the int4 draft's. When it says ``int4``
+    with a ``device_memory``, the target is to run within that cap (the draft holds the rest)."""
+    if pin != AUTO:
+        return pinned(pin)
+    profile = profile or _profile(engine)
+    choice = engine_choice(engine, batch, max_len, prompt_len=prompt_len, new_tokens=new_tokens,
+                           profile=profile)
+    request = request_for(engine, batch, max_len, prompt_len, new_tokens)
+    return decide(request, caps_for(engine), profile, pins_for(engine, batch), choice,
+                  group_size=group_size)
+
+
+def _profile(engine) -> Profile:
+    return profile_for(engine.options.device, str(engine.dtype).split(".")[-1])

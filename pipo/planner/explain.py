@@ -7,8 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from pipo.plan import DISK, HOST, RESIDENT
-from pipo.planner.engine_plan import caps_for, plan_engine
+from pipo.planner.engine_plan import caps_for, pins_for, plan_engine, request_for
 from pipo.planner.search import Choice
+from pipo.planner.speculation import decide
 
 
 def _size(nbytes: float) -> str:
@@ -60,6 +61,7 @@ def explain(engine, batch: int, prompt_len: int, new_tokens: int, profile,
         f"disk {_size(memory[DISK])}"),
         f"searched    {result.evaluated} plans",
     ]
+    lines += _speculation_lines(engine, result, batch, prompt_len, new_tokens, profile)
     if result.alternatives:
         lines.append("next best")
         lines += [f"  {i}. {_prediction(c)}\n     {summarize(c)}"
@@ -69,6 +71,19 @@ def explain(engine, batch: int, prompt_len: int, new_tokens: int, profile,
     if measure:
         lines += measured_lines(engine, best, batch, prompt_len, timeline)
     return "\n".join(lines)
+
+
+def _speculation_lines(engine, result, batch: int, prompt_len: int, new_tokens: int,
+                       profile) -> list[str]:
+    """What ``--speculate auto`` would do with this workload, why, and the target's plan then when
+    the draft's bytes change it."""
+    request = request_for(engine, batch, prompt_len + new_tokens, prompt_len, new_tokens)
+    decision = decide(request, caps_for(engine), profile, pins_for(engine, batch), result.best)
+    lines = [decision.describe()]
+    if decision.device_memory is not None and decision.choice is not result.best:
+        lines.append(f"  target within {_size(decision.device_memory)}: "
+                     f"{_prediction(decision.choice)}\n     {summarize(decision.choice)}")
+    return lines
 
 
 MEASURED_STEPS = 4

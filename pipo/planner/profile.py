@@ -18,21 +18,26 @@ from pathlib import Path
 
 from pipo.runtime.render import atomic_write
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 5
 
 
 @dataclass(frozen=True)
 class ComputeFit:
     """Seconds of one block's compute: ``fixed_s`` per matrix product, plus ``s_per_weight_byte``
     per weight byte read, ``s_per_flop`` per multiply-add pair of the products (2·tokens·weights),
-    ``s_per_attn_flop`` per 2·tokens·context·(query width) of attention, and ``s_per_elem`` per
-    element of the hidden state touched by norms and activations (tokens·width)."""
+    ``s_per_attn_flop`` per 2·tokens·context·(query width) of attention, ``s_per_elem`` per
+    element of the hidden state touched by norms and activations (tokens·width), and
+    ``s_per_gemm_weight_byte`` more per weight byte when the products have
+    :data:`~pipo.planner.costs.GEMM_MIN_ROWS` rows or more (a matrix-matrix kernel at a few rows
+    reads its weights slower than the matrix-vector one: a CPU head over 4 rows takes about twice
+    one row's time)."""
 
     fixed_s: float = 20e-6
     s_per_weight_byte: float = 1 / 10e9
     s_per_flop: float = 1 / 50e9
     s_per_attn_flop: float = 1 / 20e9
     s_per_elem: float = 2e-9
+    s_per_gemm_weight_byte: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,13 @@ class Profile:
     """One machine, as measured: bandwidths in bytes per second, times in seconds.
 
     ``h2d_*`` / ``d2h_*``: host -> device and back, from pinned and pageable host memory (on a CPU:
-    a memcpy into a slot); ``disk_read_bps``: O_DIRECT reads on the store's file system;
+    a memcpy into a slot); ``disk_read_bps`` and ``disk_block_s``: one block read from an offload
+    store on its file system, as the engine reads it, costs
+    ``disk_block_s + nbytes / disk_read_bps``;
     ``task_overhead_s``: the scheduler's own cost per task; ``step_overhead_s``: host work per step
-    besides the tasks (inputs, logits, sampling); ``compute``: the block compute fit.
+    besides the tasks (inputs, logits, sampling); ``compute``: the block compute fit with the
+    weights read from memory, ``compute_hot`` with them in the last-level cache of
+    ``cache_nbytes`` bytes (a block's later micro-batches in a step; ``None``: as ``compute``).
     """
 
     key: str
@@ -57,6 +66,9 @@ class Profile:
     step_overhead_s: float
     compute: ComputeFit
     thread_task_overhead_s: float = 100e-6
+    disk_block_s: float = 0.0
+    compute_hot: ComputeFit | None = None
+    cache_nbytes: int = 0
     measured: bool = True
     version: int = PROFILE_VERSION
 
@@ -70,6 +82,8 @@ class Profile:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in doc.items() if k in names}
         values["compute"] = ComputeFit(**doc["compute"])
+        if doc.get("compute_hot") is not None:
+            values["compute_hot"] = ComputeFit(**doc["compute_hot"])
         return cls(**values)
 
 
@@ -118,7 +132,7 @@ def nominal_profile(device: str = "cpu", dtype: str = "float32") -> Profile:
     """Round numbers for a machine not measured yet (10 GB/s links, 1.5 GB/s disk)."""
     return Profile(key="nominal", device=device, dtype=dtype, h2d_pinned_bps=10e9,
                    h2d_pageable_bps=10e9, d2h_pinned_bps=10e9, d2h_pageable_bps=10e9,
-                   disk_read_bps=1.5e9, task_overhead_s=30e-6, step_overhead_s=300e-6,
+                   disk_read_bps=1.5e9, disk_block_s=200e-6, task_overhead_s=30e-6, step_overhead_s=300e-6,
                    compute=ComputeFit(), measured=False)
 
 

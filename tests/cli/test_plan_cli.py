@@ -29,7 +29,8 @@ def test_plan_explains_the_choice_and_the_alternatives(tiny_llama, tmp_path, cap
             "--prompt-len", "8", "--new-tokens", "4", "--timeline", str(png), "--measure"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for word in ("chosen", "predicted", "bottleneck", "memory", "next best", "measured"):
+    for word in ("chosen", "predicted", "bottleneck", "memory", "speculation", "next best",
+                 "measured"):
         assert word in out, out
     assert png.stat().st_size > 0 and (tmp_path / "step-measured.png").stat().st_size > 0
     assert main(argv[:-3]) == 0  # same inputs, same plan

@@ -1,0 +1,88 @@
+"""The disk lane's cost, probed through the engine's own read path.
+
+A scratch offload store of a small random model (blocks of three sizes, 0.5-11 MB) is written on
+the file system of the store's directory, its pages dropped from the page cache, and each block is
+read with :meth:`~pipo.io.store_read.OffloadStore.read_block_into` exactly as the engine's disk
+lane reads it (:data:`~pipo.engine.weights.DISK_CHUNK_NBYTES` pieces,
+:data:`~pipo.engine.weights.DISK_DEPTH` in flight, ``O_DIRECT`` where the file system allows it,
+else buffered reads that drop each blob's pages once read). The per-block times are fitted as
+``fixed_s + nbytes / bps``: what one ``ReadBlock`` (or unstaged disk ``LoadWeight``) costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipo.io.spec import ModelSpec
+from pipo.planner.fit import nnls
+
+# embed / head ~0.6 MB, attention ~3.5 MB, MLP ~10.6 MB (fp32), in 3 layers: ~43 MB in all
+SCRATCH_SPEC = ModelSpec("llama", vocab_size=256, hidden=576, n_layers=3, n_heads=9, n_kv_heads=3,
+                         head_dim=64, ffn=1536, max_positions=64)
+REPEATS = 3
+
+
+def disk_read_cost(directory: str, spec: ModelSpec = SCRATCH_SPEC) -> tuple[float, float]:
+    """``(fixed_s, bps)`` of one block read by the engine from a store in ``directory``."""
+    from pipo.bench.random_model import RandomModel
+    from pipo.io.store import OffloadStore, convert
+
+    scratch = Path(tempfile.mkdtemp(prefix=".pipo-probe-", dir=directory))
+    try:
+        path = convert(RandomModel(spec), scratch / "store", weights="fp32")
+        _drop_cached(path / "blocks.bin")
+        with OffloadStore(path) as store:
+            sizes, seconds = _timed_reads(store, spec.block_names())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return fit_block_reads(sizes, seconds)
+
+
+def _drop_cached(data_path: Path) -> None:
+    """Evict the freshly written file's pages, so no read below is served from memory."""
+    fd = os.open(data_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _timed_reads(store, blocks: list[str]) -> tuple[list[int], list[float]]:
+    """Block sizes and the median seconds of reading each (``REPEATS`` passes over the store,
+    one block after another as the disk lane goes)."""
+    from pipo.engine.weights import DISK_CHUNK_NBYTES, DISK_DEPTH
+    from pipo.io.store import aligned_empty
+
+    buffer = aligned_empty(store.max_block_nbytes)
+    times: dict[str, list[float]] = {b: [] for b in blocks}
+
+    async def passes() -> None:
+        for _ in range(REPEATS + 1):  # the first pass warms the executor's threads: dropped
+            for block in blocks:
+                t0 = time.perf_counter()
+                await store.read_block_into(block, buffer, chunk_nbytes=DISK_CHUNK_NBYTES,
+                                            depth=DISK_DEPTH)
+                times[block].append(time.perf_counter() - t0)
+
+    asyncio.run(passes())  # one event loop and executor, as the runtime keeps
+    return ([store.block_nbytes(b) for b in blocks],
+            [statistics.median(times[b][1:]) for b in blocks])
+
+
+def fit_block_reads(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Fit ``seconds = fixed_s + nbytes / bps`` (non-negative, relative error);
+    ``(fixed_s, bps)``."""
+    a = np.column_stack([np.ones(len(sizes)), np.asarray(sizes, dtype=float)])
+    fixed_s, s_per_byte = nnls(a, np.asarray(seconds, dtype=float))
+    if s_per_byte <= 0:  # only the fixed cost explains the times: charge it per byte instead
+        s_per_byte, fixed_s = sum(seconds) / sum(sizes), 0.0
+    return float(fixed_s), float(1.0 / s_per_byte)
