@@ -107,8 +107,8 @@ def _add_speculate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-group-size", type=int, default=128, metavar="N",
                    help="int4 draft group size (default: %(default)s)")
     g.add_argument("--draft-budget", type=_budgets, default=(), metavar="N[,N...]",
-                   help="also run each draft as a token tree of up to N tokens per round "
-                        "(variants 'KIND tree N=N'; default: chains only)")
+                   help="also run each draft as a token tree of up to N tokens per round, as "
+                        "variants 'KIND tree N=N' (default: chains only)")
     g.add_argument("--no-chat", action="store_true",
                    help="feed the prompts as they are, not in the model's chat template")
     g.add_argument("--weight-slots", type=int, default=2, metavar="N",
