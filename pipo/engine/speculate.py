@@ -31,7 +31,7 @@ import torch
 
 from pipo.engine.loop import Generation
 from pipo.engine.speculate_dag import DraftPrograms, verify_with_drafting
-from pipo.engine.speculate_tree import EMA, tree_rounds
+from pipo.engine.speculate_tree import EMA, commit, tree_rounds
 from pipo.ops.sampling import SamplingParams, make_generator, probabilities
 
 GREEDY = SamplingParams()
@@ -156,7 +156,6 @@ class Speculator:
     def _one(self, prompt: list[int], max_new: int, sampling, generator, emit):
         """Generate after one prompt; returns (tokens, plan, seconds)."""
         t0 = time.perf_counter()
-        eos = set(self.spec.eos_ids)
         stats = SpecStats()
         tree = self.budget is not None
         room = self.budget + 2 * self.k_max + 2 if tree else self.k_max + 1
@@ -167,40 +166,9 @@ class Speculator:
             token = _pick(batch.step({row: prompt})[row][-1], sampling, generator)
             stats.passes += 1
             self.draft.reset(prompt)
-            seq, k, ema = list(prompt), self.k, float(self.k)
-            if tree:
-                tree_rounds(self, batch, row, seq, token, max_new, out, emit, stats, sampling,
-                            generator)
-            while not tree and token not in eos and len(out) < max_new:
-                out.append(token)
-                emit(token)
-                seq.append(token)
-                if len(out) == max_new:
-                    break
-                want = max(0, min(k, max_new - len(out) - 1))
-                kept = batch.length(row)
-                t0 = time.perf_counter()
-                drafts, q, logits, draft_s = self._round(batch, row, seq, token, want, sampling,
-                                                         generator)
-                stats.draft_s += draft_s
-                stats.verify_s.setdefault(len(drafts), []).append(
-                    time.perf_counter() - t0 - (0.0 if self.overlap_ok else draft_s))
-                n, token = accept(logits, drafts, q, sampling, generator)
-                batch.truncate(row, kept + 1 + n)  # the rejected drafts' KV is discarded
-                stats.passes += 1
-                stats.drafted += len(drafts)
-                stats.accepted += n
-                for accepted in drafts[:n]:
-                    if accepted in eos or len(out) >= max_new:
-                        token = accepted
-                        break
-                    out.append(accepted)
-                    emit(accepted)
-                    seq.append(accepted)
-                self.draft.rollback(seq)
-                if self.adaptive and drafts:
-                    ema = EMA * ema + (1 - EMA) * n
-                    k = max(1, min(self.k_max, math.ceil(ema) + 1))
+            seq = list(prompt)
+            rounds = tree_rounds if tree else chain_rounds
+            rounds(self, batch, row, seq, token, max_new, out, emit, stats, sampling, generator)
         finally:
             batch.close()
         self.step_stats = batch.stats  # per target run, with the engine's trace option
@@ -240,3 +208,34 @@ class Speculator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def chain_rounds(spec: Speculator, batch, row: int, seq: list[int], token: int, max_new: int,
+                 out: list[int], emit, stats: SpecStats, sampling, generator) -> None:
+    """Chain rounds after the prompt's first token ``token`` until EOS or ``max_new`` tokens in
+    ``out`` (``seq``: the committed sequence, extended in place): draft k, verify them in one pass,
+    keep the accepted prefix's KV, adapt k."""
+    eos = set(spec.spec.eos_ids)
+    k, ema = spec.k, float(spec.k)
+    while token not in eos and len(out) < max_new:
+        commit([token], out, seq, eos, max_new, emit)
+        if len(out) == max_new:
+            break
+        want = max(0, min(k, max_new - len(out) - 1))
+        kept = batch.length(row)
+        t0 = time.perf_counter()
+        drafts, q, logits, draft_s = spec._round(batch, row, seq, token, want, sampling, generator)
+        stats.draft_s += draft_s
+        stats.verify_s.setdefault(len(drafts), []).append(
+            time.perf_counter() - t0 - (0.0 if spec.overlap_ok else draft_s))
+        n, token = accept(logits, drafts, q, sampling, generator)
+        batch.truncate(row, kept + 1 + n)  # the rejected drafts' KV is discarded
+        stats.passes += 1
+        stats.drafted += len(drafts)
+        stats.accepted += n
+        stop = commit(drafts[:n], out, seq, eos, max_new, emit)
+        token = token if stop is None else stop
+        spec.draft.rollback(seq)
+        if spec.adaptive and drafts:
+            ema = EMA * ema + (1 - EMA) * n
+            k = max(1, min(spec.k_max, math.ceil(ema) + 1))

@@ -122,9 +122,7 @@ def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int,
     pending: list[int] = []
     steps, ema = spec.k_max, float(spec.k)
     while token not in eos and len(out) < max_new:
-        out.append(token)
-        emit(token)
-        seq.append(token)
+        commit([token], out, seq, eos, max_new, emit)
         pending.append(token)
         if len(out) == max_new:
             break
@@ -144,15 +142,22 @@ def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int,
         stats.drafted += len(tree)
         stats.accepted += len(path)
         pending = [tree.tokens[i] for i in path[keep:]]  # accepted, KV not in place: re-fed
-        for node in path:
-            accepted = tree.tokens[node]
-            if accepted in eos or len(out) >= max_new:
-                token = accepted
-                break
-            out.append(accepted)
-            emit(accepted)
-            seq.append(accepted)
+        stop = commit([tree.tokens[i] for i in path], out, seq, eos, max_new, emit)
+        token = token if stop is None else stop
         spec.draft.rollback(seq)
         if spec.adaptive and len(tree):
             ema = EMA * ema + (1 - EMA) * len(path)
             steps = max(1, min(spec.k_max, math.ceil(ema) + 2))
+
+
+def commit(accepted: list[int], out: list[int], seq: list[int], eos: set[int], max_new: int,
+           emit) -> int | None:
+    """Append a round's ``accepted`` tokens to ``out`` and ``seq`` (emitting each), chain or tree,
+    until an EOS token or ``max_new`` tokens in ``out``: the token that stopped it, else ``None``."""
+    for token in accepted:
+        if token in eos or len(out) >= max_new:
+            return token
+        out.append(token)
+        emit(token)
+        seq.append(token)
+    return None

@@ -10,14 +10,11 @@ import torch
 import pipo
 from pipo.errors import GenerationError
 from tests.e2e.conftest import build_model
+from tests.engine.test_batch import LOGIT_TOL, PLACEMENTS
 
 PROMPT, OTHER = [3, 17, 42, 8, 99, 5, 61], [7, 12, 88]
 # (tokens, parents) of two tree steps; parents index the open tree's tokens (-1: the prompt)
 TREE = [([10, 20, 21, 30, 31, 11], [-1, 0, 0, 1, 2, -1]), ([40, 41, 50], [3, 5, 6])]
-LOGIT_TOL = 1e-4
-PLACEMENTS = {"resident": {}, "host+kv-offload": {"placement": "host", "kv_offload": True},
-              "micro1+kv-offload": {"micro_batch": 1, "kv_offload": True},
-              "disk+kv-disk": {"placement": "disk", "kv_disk_dir": "KV"}}
 
 
 @pytest.fixture(scope="module")

@@ -43,9 +43,10 @@ def families(tmp_path_factory):
     return out
 
 
-def _speculate(engine, kind: str, draft_path: str, k: int = 3) -> tuple[list, Speculator]:
-    draft = make_draft(draft_path if kind == "model" else kind, engine, 64, group_size=128)
-    spec = Speculator(engine, draft, k=k)
+def _speculate(engine, kind: str, draft_path: str, k: int = 3, budget: int | None = None
+               ) -> tuple[list, Speculator]:
+    draft = make_draft(draft_path if kind == "model" else kind, engine, 96, group_size=128)
+    spec = Speculator(engine, draft, k=k, budget=budget)
     try:
         return spec.generate_ids(PROMPTS, NEW).tokens, spec
     finally:
@@ -62,11 +63,12 @@ def test_greedy_speculation_is_token_identical(families, family, kind):
     assert spec.stats.passes < len(PROMPTS) * NEW or kind != "ngram"
 
 
+@pytest.mark.parametrize("budget", [None, 8], ids=["chain", "tree"])
 @pytest.mark.parametrize("kind", DRAFTS)
 @pytest.mark.parametrize("options", [{"placement": "host"}, {"placement": "host", "kv_offload": True},
                                      {"micro_batch": 1, "kv_offload": True}, {"placement": "disk"}],
                          ids=["host", "host+kv-offload", "kv-offload", "disk"])
-def test_every_placement(families, tmp_path, kind, options):
+def test_every_placement(families, tmp_path, kind, options, budget):
     from pipo.io.source import open_model
     from pipo.io.store import convert
 
@@ -74,7 +76,7 @@ def test_every_placement(families, tmp_path, kind, options):
     if options.get("placement") == "disk":
         path = convert(open_model(path), tmp_path / "store", weights="fp32")
     with pipo.load(path, **options) as engine:
-        tokens, _ = _speculate(engine, kind, draft_path)
+        tokens, _ = _speculate(engine, kind, draft_path, budget=budget)
     assert tokens == want
 
 
@@ -109,15 +111,17 @@ def test_rejected_kv_never_leaks(families, monkeypatch, options):
         assert skipped.generate_ids(PROMPTS, NEW).tokens != want  # the check has teeth
 
 
-def test_draft_kv_is_rolled_back(families):
+@pytest.mark.parametrize("budget", [None, 8], ids=["chain", "tree"])
+def test_draft_kv_is_rolled_back(families, budget):
+    """The draft's KV keeps only committed tokens: it drafts as a fresh draft would."""
     path, _, _ = families["mistral"]
     with pipo.load(path) as engine:
-        draft = make_draft("int4", engine, 64, group_size=32)
-        spec = Speculator(engine, draft, k=4)
+        draft = make_draft("int4", engine, 96, group_size=32)
+        spec = Speculator(engine, draft, k=4, budget=budget)
         tokens = spec.generate_ids(PROMPTS[:1], NEW).tokens[0]
         assert spec.stats.accepted < spec.stats.drafted  # some drafts were rejected
         seq = PROMPTS[0] + tokens
-        fresh = make_draft("int4", engine, 64, group_size=32)
+        fresh = make_draft("int4", engine, 96, group_size=32)
         greedy = SamplingParams()
         assert draft.propose(seq, 4, greedy, None) == fresh.propose(seq, 4, greedy, None)
         draft.close()
