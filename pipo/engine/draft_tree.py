@@ -110,14 +110,17 @@ class TreeBuilder:
 
     def step(self) -> None:
         """One draft pass: evaluate the root, then the best ``width`` candidates (at most
-        ``steps`` passes and ``budget`` nodes; later calls do nothing)."""
+        ``steps`` passes and ``budget`` nodes; candidates that fill the budget join the tree
+        unevaluated; later calls do nothing)."""
         if self.done >= self.steps:
             return
         if self.done == 0:
             self._expand([-1], self.draft.tree_root(self.tokens))
         else:
             fresh = self._take(min(self.width, self.budget - len(self.nodes)))
-            if fresh:  # the draft's open tree holds the evaluated nodes in node order
+            # children of nodes that fill the budget could never join the tree: leave them
+            # unevaluated; the draft's open tree holds the evaluated nodes in node order
+            if fresh and len(self.nodes) < self.budget:
                 self._expand(fresh, self.draft.tree_step([self.nodes[i][0] for i in fresh],
                                                          [self.nodes[i][1] for i in fresh]))
         self.done += 1

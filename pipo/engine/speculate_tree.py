@@ -30,9 +30,9 @@ import time
 
 from pipo.engine.draft_tree import DraftTree, TreeBuilder, accepted_path
 from pipo.engine.speculate_dag import DraftPrograms
+from pipo.ops.sampling import probabilities
 
 EMA = 0.5  # weight of the running average of accepted tokens per round (chains and trees)
-from pipo.ops.sampling import probabilities
 
 
 def in_place(path: list[int]) -> int:

@@ -192,6 +192,27 @@ def test_tree_builder_respects_budget_and_steps_most_likely_child_first():
     assert tree.tokens[:3] == [1, 2, 3] and tree.parents[:3] == [-1, 0, 1]  # the likely chain first
 
 
+class CountingDraft(FixedDraft):
+    """A FixedDraft that records the nodes each tree step evaluates."""
+
+    def __init__(self):
+        self.evaluated: list[list[int]] = []
+
+    def tree_step(self, tokens, parents):
+        self.evaluated.append(list(tokens))
+        return super().tree_step(tokens, parents)
+
+
+def test_tree_builder_leaves_the_nodes_that_fill_the_budget_unevaluated():
+    draft = CountingDraft()
+    builder = TreeBuilder(draft, [0], budget=4, steps=3)   # width 2: root, 2 nodes, 2 nodes
+    for _ in range(3):
+        builder.step()
+    tree = builder.result()
+    assert draft.evaluated == [[1, 2]]  # the second pair's children could never join the tree
+    assert tree.tokens == [1, 2, 3, 2] and tree.parents == [-1, 0, 0, -1]  # 1 -> (2, 3); 2
+
+
 def test_tree_drafting_runs_inside_the_verify_pass_dag(families):
     path, _, want = families["opt"]
     with pipo.load(path, placement="host", trace=True) as engine:
