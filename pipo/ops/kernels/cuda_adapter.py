@@ -91,7 +91,15 @@ def jit_kernel(pyfunc, signatures: list):
 
 
 def device_function(fn):
-    """``fn`` as an inlined CUDA device function (a plain Python call under the simulator)."""
+    """``fn`` as an inlined CUDA device function; under the simulator ``fn`` itself.
+
+    The simulator's device-function wrapper swaps the defining module's ``cuda`` global under a
+    per-module lock on every call; with a block's 128 Python threads calling a few device functions
+    per weight word, that lock convoy made one small GEMV take from 1 s to minutes. Ours never
+    touch ``cuda.*`` (the kernel does), so a plain call is the same computation.
+    """
+    if SIMULATOR:
+        return fn
     return cuda.jit(device=True, inline=True)(fn)
 
 
