@@ -24,12 +24,14 @@ task inside the target's verification run (the step DAG of :mod:`pipo.engine.spe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pipo.engine.draft_tree import DraftTree, trie
 from pipo.engine.engine import Engine
 from pipo.engine.options import EngineOptions
-from pipo.errors import PipoError
+from pipo.errors import ModelFormatError, PipoError
 from pipo.io.q8 import to_dense
 from pipo.ops.quant import INT4_GROUP_SIZES
 from pipo.ops.sampling import SamplingParams, probabilities
@@ -212,4 +214,7 @@ def make_draft(kind: str, target: Engine, max_len: int, group_size: int = 128):
         return NgramDraft()
     if kind == "int4":
         return int4_draft(target, group_size, max_len)
+    if not Path(kind).exists():
+        raise ModelFormatError(f"--speculate {kind}: neither a draft kind (auto, int4, ngram, off) "
+                               f"nor an existing model path")
     return model_draft(target, kind, max_len)
