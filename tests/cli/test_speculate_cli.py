@@ -45,6 +45,10 @@ def test_jsonl_batches_speculate_too(text_model, tmp_path, capsys):
     assert spec.read_text() == plain.read_text()
 
 
-def test_a_missing_draft_model_is_refused(text_model, tmp_path, capsys):
+@pytest.mark.parametrize("draft", ["nothing", "int5", "NGRAM"])
+def test_a_missing_draft_model_is_refused(text_model, tmp_path, capsys, draft):
+    missing = str(tmp_path / draft) if draft == "nothing" else draft
     assert main(["generate", "--model", str(text_model), "hi", "-n", "2",
-                 "--speculate", str(tmp_path / "nothing")]) == 2
+                 "--speculate", missing]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int4, ngram, off" in err[0] and missing in err[0]
