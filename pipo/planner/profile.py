@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipo.runtime.render import atomic_write
 
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6  # 6: the disk read rate probed over bytes never read before
 
 
 @dataclass(frozen=True)
