@@ -104,6 +104,12 @@ def kept_q8(source) -> frozenset[str]:
     return frozenset(getattr(source, "kept_q8_names", ()))
 
 
+def embed_by_rows(source) -> bool:
+    """Whether a disk-tier embedding of ``source`` is read by rows (a store's table alone in its
+    block, :meth:`PlacedWeights._row_tables`): its load task then moves no bytes."""
+    return hasattr(source, "table_rows") and source.table_rows("embed", "tok") is not None
+
+
 def placed_sizes(source, device: torch.device, dtype: torch.dtype, int4_group: int | None
                  ) -> dict[str, int]:
     """:func:`~pipo.plan.estimate_block_nbytes` of the blocks :class:`PlacedWeights` places for
@@ -160,15 +166,19 @@ class PlacedWeights:
         return nbytes
 
     def _row_tables(self) -> dict[str, dict]:
-        """Disk-tier embedding blocks read by rows instead of whole (CPU 4-bit path, a store's Q8_0
-        table alone in its block): ``{block: {"tok": StoredRows}}``. Their load tasks read nothing;
-        the embedding compute reads its tokens' rows (~8 KB a step instead of the 30 MB table)."""
-        if not self.cpu_packed or not hasattr(self.source, "table_rows"):
+        """Disk-tier embedding blocks read by rows instead of whole (a store's Q8_0 or dense table
+        alone in its block): ``{block: {"tok": StoredRows}}``. Their load tasks read nothing; the
+        embedding compute reads its tokens' rows (a few KB a step instead of a 30-113 MB table).
+        The rows come in the dtype the table would be computed on: Q8_0 rows stay fp32 on the CPU
+        4-bit path (as its kept Q8 table gives them), everything else is cast to ``dtype``."""
+        if not hasattr(self.source, "table_rows"):
             return {}
         tables = {}
         for block, tier in self.plan.placement:
             rows = self.source.table_rows(block, "tok") if tier == DISK and block == "embed" else None
             if rows is not None:
+                keeps_q8 = self.cpu_packed and rows.group_size is not None
+                rows.out_dtype = None if keeps_q8 else self.dtype
                 tables[block] = {"tok": rows}
         return tables
 

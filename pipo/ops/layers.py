@@ -50,7 +50,7 @@ def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, spec: ModelSpec) 
     if isinstance(tok, torch.Tensor):
         x = F.embedding(ids, tok)                                      # [b, t, hidden]
     else:
-        x = tok.rows(ids)                                              # [b, t, hidden] fp32 (a Q8 table)
+        x = tok.rows(ids)                                              # [b, t, hidden] (StoredRows)
     if t.positions == "learned":
         x = x + F.embedding(positions + t.position_offset, w["pos"])   # [b, t, hidden]
     return x

@@ -2,7 +2,9 @@
 
 - Weight loads: block bytes / link bandwidth (host -> device, pinned on a GPU; a memcpy on a CPU),
   or, when the disk lane reads a block (``ReadBlock``, unstaged disk loads), the probed cost of the
-  engine's block read: ``disk_block_s`` + block bytes / ``disk_read_bps``.
+  engine's block read: ``disk_block_s`` + block bytes / ``disk_read_bps``; with ``embed_rows``
+  a disk-tier embedding moves nothing there and its compute reads its tokens' rows (bytes /
+  ``disk_read_bps``).
 - KV loads and saves: the bytes of the positions they move (the cache before ``start``; this
   step's ``t`` new entries) / link bandwidth.
 - Compute: :class:`~pipo.planner.profile.ComputeFit` · :func:`compute_features`, with the
@@ -70,10 +72,14 @@ def link_bps(profile: Profile, to_device: bool, cap_bps: float | None = None) ->
 def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int, t: int,
                    dtype_nbytes: int, int4_group: int | None = None,
                    cap_bps: float | None = None,
-                   sizes: Mapping[str, int] | None = None) -> Callable[[Task], float]:
+                   sizes: Mapping[str, int] | None = None,
+                   embed_rows: bool = False) -> Callable[[Task], float]:
     """``duration(task) -> seconds`` for one step that writes positions ``start .. start+t-1``;
-    ``sizes``: the placed block sizes (default: :func:`~pipo.plan.estimate_block_nbytes`)."""
+    ``sizes``: the placed block sizes (default: :func:`~pipo.plan.estimate_block_nbytes`);
+    ``embed_rows``: a disk-tier embedding is read by rows (see the module docstring)."""
     sizes = sizes or estimate_block_nbytes(spec, dtype_nbytes, int4_group)
+    rows_read = embed_rows and dict(plan.placement).get("embed") == DISK
+    row_s = spec.hidden * dtype_nbytes / profile.disk_read_bps  # one embedding row, read by rows
     h2d, d2h = link_bps(profile, True, cap_bps), link_bps(profile, False, cap_bps)
     kv_per_pos = 2 * spec.n_kv_heads * spec.head_dim * dtype_nbytes  # K and V of one row, 1 layer
     fits = (astuple(profile.compute), astuple(profile.compute_hot or profile.compute))
@@ -90,11 +96,15 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
             feats = compute_features(spec, key[0], key[1], t, start + t, dtype_nbytes, int4_group,
                                      sizes)
             cache[key] = sum(c * f for c, f in zip(fits[hot], feats, strict=True))
+            if rows_read and key[0] == "embed":
+                cache[key] += key[1] * t * row_s
         return cache[key]
 
     def duration(task: Task) -> float:
         if isinstance(task, Compute):
             seconds = compute_s(task)
+        elif rows_read and task.block == "embed" and isinstance(task, ReadBlock | LoadWeight):
+            seconds = 0.0  # the compute reads the rows
         elif isinstance(task, ReadBlock) or (isinstance(task, LoadWeight) and task.lane == DISK):
             seconds = profile.disk_block_s + sizes[task.block] / profile.disk_read_bps
         elif isinstance(task, LoadWeight):

@@ -29,7 +29,7 @@ from pipo.planner.speculation import AUTO, DRAFT_GROUP, Speculation, decide, pin
 def request_for(engine, batch: int, max_len: int, prompt_len: int | None = None,
                 new_tokens: int | None = None) -> Request:
     """The planner's :class:`Request` for ``engine``: by default half the length is the prompt."""
-    from pipo.engine.weights import cpu_packs, kept_q8
+    from pipo.engine.weights import cpu_packs, embed_by_rows, kept_q8
 
     o, on_cpu = engine.options, engine.device.type == "cpu"
     prompt_len = prompt_len or max(1, max_len // 2)
@@ -39,7 +39,7 @@ def request_for(engine, batch: int, max_len: int, prompt_len: int | None = None,
                    has_store=o.offload_tier(engine.source) == DISK, kv_disk_ok=on_cpu,
                    device_is_host=on_cpu, staged_disk=o.stage_disk_reads(),
                    int4_packed=cpu_packs(engine.device, engine.dtype, o.group_size),
-                   q8=kept_q8(engine.source))
+                   q8=kept_q8(engine.source), embed_rows=embed_by_rows(engine.source))
 
 
 def caps_for(engine) -> Caps:
@@ -91,7 +91,8 @@ def engine_choice(engine, batch: int, max_len: int, *, prompt_len: int | None = 
     sizes = placed_sizes(engine.source, engine.device, engine.dtype, group)
     est = estimate(engine.spec, plan, profile, prompt_len=request.prompt_len,
                    new_tokens=request.new_tokens, dtype_nbytes=request.dtype_nbytes,
-                   int4_group=group, link_bps=caps_for(engine).link_bps, sizes=sizes)
+                   int4_group=group, link_bps=caps_for(engine).link_bps, sizes=sizes,
+                   embed_rows=request.embed_rows)
     memory = tuple(memory_per_tier(plan, sizes, request).items())
     return Choice(plan, group is not None, est, memory)
 

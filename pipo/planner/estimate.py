@@ -59,12 +59,14 @@ def step_program(spec: ModelSpec, plan: Plan, phase: str) -> Program:
 def predict_step(spec: ModelSpec, plan: Plan, profile: Profile, phase: str, *, start: int,
                  t: int, dtype_nbytes: int, int4_group: int | None = None,
                  link_bps: float | None = None, program: Program | None = None,
-                 sizes: Mapping[str, int] | None = None) -> Prediction:
+                 sizes: Mapping[str, int] | None = None, embed_rows: bool = False) -> Prediction:
     """The simulated run of one step writing positions ``start .. start+t-1`` (``sizes``: the
-    placed block sizes, see :func:`~pipo.planner.costs.task_durations`)."""
+    placed block sizes, ``embed_rows``: a disk-tier embedding read by rows; see
+    :func:`~pipo.planner.costs.task_durations`)."""
     program = program or step_program(spec, plan, phase)
     duration = task_durations(spec, plan, profile, start=start, t=t, dtype_nbytes=dtype_nbytes,
-                              int4_group=int4_group, cap_bps=link_bps, sizes=sizes)
+                              int4_group=int4_group, cap_bps=link_bps, sizes=sizes,
+                              embed_rows=embed_rows)
     release = profile.step_overhead_s if phase == DECODE else 0.0
     hog = COMPUTE if profile.device == "cpu" else None  # CPU compute runs on the event loop
     pred = simulate(program, duration, release_s=release, hog_lane=hog)
@@ -82,10 +84,12 @@ def _shifted(pred: Prediction, seconds: float) -> Prediction:
 
 def estimate(spec: ModelSpec, plan: Plan, profile: Profile, *, prompt_len: int, new_tokens: int,
              dtype_nbytes: int, int4_group: int | None = None,
-             link_bps: float | None = None, sizes: Mapping[str, int] | None = None) -> Estimate:
-    """The :class:`Estimate` of ``plan`` for prompts of ``prompt_len`` and ``new_tokens`` new tokens."""
+             link_bps: float | None = None, sizes: Mapping[str, int] | None = None,
+             embed_rows: bool = False) -> Estimate:
+    """The :class:`Estimate` of ``plan`` for prompts of ``prompt_len`` and ``new_tokens`` new
+    tokens (``sizes``, ``embed_rows``: as :func:`predict_step` takes them)."""
     common = {"dtype_nbytes": dtype_nbytes, "int4_group": int4_group, "link_bps": link_bps,
-              "sizes": sizes}
+              "sizes": sizes, "embed_rows": embed_rows}
     prefill = predict_step(spec, plan, profile, PREFILL, start=0, t=prompt_len, **common)
     if new_tokens > 1:
         decode = predict_step(spec, plan, profile, DECODE, start=prompt_len + new_tokens // 2,

@@ -130,12 +130,16 @@ def write_predicted(engine, choice: Choice, prompt_len: int, new_tokens: int, pr
     from pipo.planner.estimate import predict_step
     from pipo.runtime.trace import timeline_png, write_chrome_trace
 
+    from pipo.engine.weights import embed_by_rows, placed_sizes
+
     caps = caps_for(engine)
+    group = engine.options.group_size if choice.int4 else None
     pred = predict_step(engine.spec, choice.plan, profile, DECODE,
                         start=prompt_len + new_tokens // 2, t=1,
-                        dtype_nbytes=engine.dtype.itemsize,
-                        int4_group=engine.options.group_size if choice.int4 else None,
-                        link_bps=caps.link_bps)
+                        dtype_nbytes=engine.dtype.itemsize, int4_group=group,
+                        link_bps=caps.link_bps,
+                        sizes=placed_sizes(engine.source, engine.device, engine.dtype, group),
+                        embed_rows=embed_by_rows(engine.source))
     if path.suffix.lower() == ".json":
         return write_chrome_trace(pred.stats, path)
     return timeline_png(pred.stats, path, title="predicted decode step")

@@ -53,7 +53,8 @@ class Request:
     file is possible (CPU only); ``device_is_host``: the device is the CPU (its memory counts
     against the host cap too); ``staged_disk``: disk reads pass through host staging buffers;
     ``int4_packed``: int4 weights go into torch's CPU int4 layout (the CPU 4-bit path), keeping the
-    ``q8`` embedding / head names as Q8_0 (see :func:`pipo.plan.estimate_block_nbytes`).
+    ``q8`` embedding / head names as Q8_0 (see :func:`pipo.plan.estimate_block_nbytes`);
+    ``embed_rows``: a disk-tier embedding is read by rows (its load moves nothing).
     """
 
     spec: ModelSpec
@@ -69,6 +70,7 @@ class Request:
     staged_disk: bool = False
     int4_packed: bool = False
     q8: frozenset[str] = frozenset()
+    embed_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,7 @@ class _Search:
         est = estimate(r.spec, plan, self.profile, prompt_len=r.prompt_len,
                        new_tokens=r.new_tokens, dtype_nbytes=r.dtype_nbytes,
                        int4_group=r.group_size if int4 else None, link_bps=self.caps.link_bps,
-                       sizes=sizes)
+                       sizes=sizes, embed_rows=r.embed_rows)
         memory = memory_per_tier(plan, sizes, r)
         return Choice(plan, int4, est, tuple(memory.items()))
 

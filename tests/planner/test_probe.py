@@ -118,3 +118,20 @@ def test_later_micro_batches_of_a_cached_block_compute_at_the_hot_fit():
 
     back = Profile.from_dict(json.loads(doc))
     assert back.compute_hot == hot and back.cache_nbytes == 7
+
+
+def test_an_embedding_read_by_rows_costs_its_rows_not_its_table():
+    from dataclasses import replace
+
+    from pipo.runtime.tasks import Compute
+
+    profile = replace(nominal_profile(), disk_read_bps=1e9, disk_block_s=5e-4)
+    sizes = estimate_block_nbytes(TINY, 4)
+    plan = fixed_plan(TINY, sizes, "disk", batch=2, max_len=8)
+    whole = task_durations(TINY, plan, profile, start=4, t=3, dtype_nbytes=4)
+    rows = task_durations(TINY, plan, profile, start=4, t=3, dtype_nbytes=4, embed_rows=True)
+    assert rows(ReadBlock("embed", 0)) == pytest.approx(profile.task_overhead_s)
+    assert whole(ReadBlock("embed", 0)) > rows(ReadBlock("embed", 0))
+    row_read_s = 2 * 3 * TINY.hidden * 4 / 1e9  # 2 rows x 3 new tokens, fp32 rows
+    assert rows(Compute("embed", 0)) == pytest.approx(whole(Compute("embed", 0)) + row_read_s)
+    assert rows(ReadBlock("L0.mlp", 0)) == whole(ReadBlock("L0.mlp", 0))
