@@ -39,13 +39,23 @@ def _store_with_tokenizer(path: Path) -> Path:
     return convert(source, path)
 
 
+# ``python -m pipo.cli`` as a terminal starts it: SIGINT unblocked and raising KeyboardInterrupt.
+# A test run started where SIGINT is ignored (a background job of a non-interactive shell, nohup)
+# hands that disposition to its children, and Python then never installs its handler: the child
+# would ignore the Ctrl-C and finish its 4000 tokens (exit 0, nothing on stderr).
+AS_FROM_A_TERMINAL = ("import runpy, signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                      "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "runpy.run_module('pipo.cli', run_name='__main__', alter_sys=True)")
+
+
 @pytest.mark.timeout(120)
 def test_ctrl_c_mid_generation_exits_130_with_one_line(tmp_path):
     model = _store_with_tokenizer(tmp_path / "tiny")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipo.cli", "generate", "hello", "-m", str(model), "-n", "4000",
-         "--kv-offload"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+        [sys.executable, "-c", AS_FROM_A_TERMINAL, "generate", "hello", "-m", str(model),
+         "-n", "4000", "--kv-offload"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        cwd=REPO)
     try:
         assert process.stdout.read(1), "no output before the process ended"  # generating now
         time.sleep(0.3)  # well inside the decode loop, most likely inside a step
