@@ -103,7 +103,7 @@ def task_durations(spec: ModelSpec, plan: Plan, profile: Profile, *, start: int,
     def duration(task: Task) -> float:
         if isinstance(task, Compute):
             seconds = compute_s(task)
-        elif rows_read and task.block == "embed" and isinstance(task, ReadBlock | LoadWeight):
+        elif rows_read and isinstance(task, ReadBlock | LoadWeight) and task.block == "embed":
             seconds = 0.0  # the compute reads the rows
         elif isinstance(task, ReadBlock) or (isinstance(task, LoadWeight) and task.lane == DISK):
             seconds = profile.disk_block_s + sizes[task.block] / profile.disk_read_bps

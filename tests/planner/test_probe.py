@@ -135,3 +135,18 @@ def test_an_embedding_read_by_rows_costs_its_rows_not_its_table():
     row_read_s = 2 * 3 * TINY.hidden * 4 / 1e9  # 2 rows x 3 new tokens, fp32 rows
     assert rows(Compute("embed", 0)) == pytest.approx(whole(Compute("embed", 0)) + row_read_s)
     assert rows(ReadBlock("L0.mlp", 0)) == whole(ReadBlock("L0.mlp", 0))
+
+
+def test_every_task_of_a_disk_step_with_offloaded_kv_is_costed_with_embedding_rows():
+    from graphs import DECODE
+    from pipo.planner.estimate import predict_step
+
+    sizes = estimate_block_nbytes(TINY, 4)
+    plan = fixed_plan(TINY, sizes, "disk", batch=2, max_len=8, kv_offload=True)
+    whole = predict_step(TINY, plan, nominal_profile(), DECODE, start=4, t=1, dtype_nbytes=4)
+    rows = predict_step(TINY, plan, nominal_profile(), DECODE, start=4, t=1, dtype_nbytes=4,
+                        embed_rows=True)
+    assert 0 < rows.step_s <= whole.step_s  # the embedding's read may hide behind the host work
+    table_s = sizes["embed"] / nominal_profile().disk_read_bps
+    assert rows.busy_s["disk"] == pytest.approx(whole.busy_s["disk"] - table_s
+                                                - nominal_profile().disk_block_s)
