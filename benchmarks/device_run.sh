@@ -3,11 +3,13 @@
 #
 #   bash benchmarks/device_run.sh --stage smoke            # <= 5 min: is the CUDA path right? (default)
 #   bash benchmarks/device_run.sh --stage full             # ~9 min: W-series + FlexGen, int4 bench
+#   bash benchmarks/device_run.sh --stage spec             # ~4 min: speculation's cost side (issue 12)
 #   bash benchmarks/device_run.sh --dry-run --stage smoke  # anywhere (CPU): tiny shapes, same steps
 #
 # Device call (the wheels are git-ignored, so carry them; fetch them with benchmarks/fetch_wheels.sh):
 #   run(command="bash benchmarks/device_run.sh --stage smoke", carry=["benchmarks/wheels"], timeout_s=330)
 #   run(command="bash benchmarks/device_run.sh --stage full", carry=["benchmarks/wheels"], timeout_s=600)
+#   run(command="bash benchmarks/device_run.sh --stage spec", timeout_s=300)
 #
 # The GPU image has torch (CUDA), numba, numba-cuda, networkx, safetensors, tokenizers, aiofiles,
 # transformers and accelerate; only gguf, flexgen 0.1.8 and attrs travel as wheels, installed with
@@ -19,6 +21,11 @@
 # full: int4 kernel bench (benchmarks/bench_int4.py); quick, all three schedules + FlexGen; W1, W2,
 #   W3 (OPT-6.7B shape, prompt 512, gen 32, batch 8x4, 6 GiB cap on W1/W2): pipo + FlexGen; W1 with
 #   the flexgen and sequential schedules, if time is left.
+# spec: the speculation tests on the card (int4 / ngram / model drafts equal plain greedy); the
+#   OPT-6.7B shape at a 6 GiB cap, batch 1, streamed from host RAM: plain pass vs verify pass at
+#   k = 1..16 and the int4 draft's ms per token (benchmarks/bench_spec_cost.py; the speed-up is a
+#   projection from the acceptance measured on real weights on the CPU). Files: device_run.log,
+#   stages.jsonl, spec_cost.json.
 # Each step has a time limit and is skipped when the stage's budget is too short. Every step appends
 # a line to $OUT/stages.jsonl when it ends, and every benchmark rewrites its JSON after each row, so
 # a cut-off keeps what landed. At most 8 files come back from $OUT: smoke writes device_run.log,
@@ -28,7 +35,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { echo "usage: bash benchmarks/device_run.sh [--dry-run] [--stage smoke|full] (default: smoke)" >&2; exit 2; }
+usage() { echo "usage: bash benchmarks/device_run.sh [--dry-run] [--stage smoke|full|spec] (default: smoke)" >&2; exit 2; }
 DRY_RUN=0
 STAGE=smoke
 while [ $# -gt 0 ]; do
@@ -40,7 +47,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-case "$STAGE" in smoke) DEFAULT_BUDGET_S=290 ;; full) DEFAULT_BUDGET_S=540 ;; *) usage ;; esac
+case "$STAGE" in smoke) DEFAULT_BUDGET_S=290 ;; full) DEFAULT_BUDGET_S=540 ;; spec) DEFAULT_BUDGET_S=270 ;; *) usage ;; esac
 BUDGET_S=${BUDGET_S:-$DEFAULT_BUDGET_S}
 START_S=$(date +%s)
 OUT=${OUT:-out/device}
@@ -169,6 +176,14 @@ full() {
         "${FLEXGEN[@]}" --out "$OUT/w3.json"
     step W1-other-schedules 120 60 "${BENCH[@]}" "${DEV[@]}" --workload W1 "${SHAPE[@]}" "${gen[@]}" \
         --schedules flexgen,sequential --out "$OUT/w1_schedules.json"
+}
+
+spec() {
+    local dry=()
+    [ "$DRY_RUN" = 1 ] && dry=(--dry-run)
+    step spec-tests 90 30 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_speculate.py \
+        -k cuda
+    step spec-cost 180 90 "$PY" benchmarks/bench_spec_cost.py "${dry[@]}" --out "$OUT/spec_cost.json"
 }
 
 "$STAGE"

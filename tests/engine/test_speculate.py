@@ -180,3 +180,17 @@ def test_model_drafts_run_inside_the_verify_pass_dag_or_before_it(families, over
         last_draft = max(r.end_s for r in run.records if r.name.startswith("DraftStep"))
         first_load = min(r.start_s for r in run.records if r.name.startswith("LoadWeight"))
         assert first_load < last_draft
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", DRAFTS)
+@pytest.mark.parametrize("options", [{"placement": "host"}, {"placement": "host", "kv_offload": True}],
+                         ids=["host", "host+kv-offload"])
+def test_on_cuda_speculation_equals_plain_greedy(families, kind, options):
+    path, draft_path, want = families["llama"]
+    with pipo.load(path, device="cuda", dtype="float32", **options) as engine:
+        plain = engine.generate_ids(PROMPTS, NEW).tokens
+        tokens, _ = _speculate(engine, kind, draft_path)
+    assert tokens == plain
+    assert plain == want  # fp32 on the card: transformers' CPU tokens too
