@@ -21,6 +21,7 @@ STEPS = {
                "W1-small"], ["link.json", "smoke_quick.json", "smoke_w1.json"]),
     "full": (["int4-bench", "quick", "W1", "W2", "W3", "W1-other-schedules"],
              ["quick.json", "w1.json", "w2.json", "w3.json", "w1_schedules.json"]),
+    "spec": (["spec-tests", "spec-cost"], ["spec_cost.json"]),
 }
 
 
@@ -31,7 +32,7 @@ def _device_run(*args: str, out: Path, python: str = sys.executable) -> subproce
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", ["smoke", "full"])
+@pytest.mark.parametrize("stage", ["smoke", "full", "spec"])
 def test_the_dry_run_of_each_stage_passes_on_a_cpu(stage, tmp_path):
     done = _device_run("--dry-run", "--stage", stage, out=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
