@@ -39,9 +39,16 @@ def read_prompt_set(path: Path) -> list[dict[str, str]]:
 
 
 def link_nbytes_per_pass(engine, plan) -> int:
-    """Stored bytes of the blocks one target pass streams."""
+    """Stored bytes of the blocks one target pass streams (a disk-tier embedding read by rows
+    counts nothing: a pass reads a few KB of it)."""
+    from pipo.engine.weights import embed_by_rows
+    from pipo.plan import DISK
+
     size = getattr(engine.source, "block_nbytes", None)
-    return sum(size(b) for b in plan.streamed()) if size else 0
+    if not size:
+        return 0
+    by_rows = embed_by_rows(engine.source) and dict(plan.placement).get("embed") == DISK
+    return sum(size(b) for b in plan.streamed() if not (by_rows and b == "embed"))
 
 
 def run_speculate(engine, drafts: dict[str, Any], prompts: list[list[int]], gen_len: int,

@@ -24,3 +24,18 @@ def test_speculate_workload_rows(tmp_path, capsys):
                                             "int4 (no overlap)", "int4 tree N=6"]
     assert all(r["equal_to_plain"] for r in rows)
     assert "tokens / target pass" in capsys.readouterr().out
+
+
+def test_link_bytes_leave_out_an_embedding_read_by_rows(tmp_path):
+    import pipo
+    from pipo.bench.speculate import link_nbytes_per_pass
+    from pipo.io.source import open_model
+    from pipo.io.store import convert
+    from tests.io.test_gguf import write_tiny_gguf
+
+    store = convert(open_model(write_tiny_gguf(tmp_path / "tiny.gguf")), tmp_path / "store",
+                    weights="fp32")
+    with pipo.load(store, placement="disk") as engine:
+        gen = engine.generate_ids([[3, 4, 5]], 2)
+        streamed = sum(engine.source.block_nbytes(b) for b in gen.plan.streamed())
+        assert link_nbytes_per_pass(engine, gen.plan) == streamed - engine.source.block_nbytes("embed")
