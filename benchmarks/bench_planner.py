@@ -4,8 +4,9 @@
    link cap) a short generation runs traced; the measured decode step (the median period between
    two decode steps, sampling included) is set against the simulator's prediction for the same
    plan and position, with a profile measured just before that configuration (the machine is
-   shared: a profile and a run taken together see the same neighbours).
-   Error = |predicted - measured| / measured.
+   shared: a profile and a run taken together see the same neighbours); for an offload store its
+   disk costs are timed on the store's own blocks first, as the planner does
+   (``pipo.planner.probe_disk.with_store_reads``). Error = |predicted - measured| / measured.
 2. Plan quality: for each workload (batch 1, 8, 32 under a device-memory cap and a link cap) the
    planner's plan and a grid of manual plans (KV on the device or in host RAM, whole batch or
    micro-batches, 2 or 3 weight slots) run side by side; tokens/s = batch * new tokens /
@@ -135,10 +136,13 @@ def error_table(profile, quick: bool, new_tokens: int, sources: dict, picture: P
     """Rows of the prediction-error table (and the docs' picture from the third config)."""
     rows = []
     from pipo.planner.probe import probe
+    from pipo.planner.probe_disk import with_store_reads
 
     for i, cfg in enumerate(configs(quick)):
         source = open_source(cfg.model, sources)
         profile = probe("cpu", "float32") if reprobe else profile
+        if hasattr(source, "read_block_into"):  # as the planner costs a store: on its own blocks
+            profile = with_store_reads(profile, source)
         got = measure(source, cfg.options, cfg.batch, new_tokens)
         pred = predicted_decode(source, got["plan"], profile, cfg.options, new_tokens)
         err = abs(pred.step_s - got["decode_s"]) / got["decode_s"]

@@ -115,4 +115,11 @@ def speculation_for(engine, batch: int, max_len: int, *, pin: str = AUTO,
 
 
 def _profile(engine) -> Profile:
-    return profile_for(engine.options.device, str(engine.dtype).split(".")[-1])
+    """The machine's profile; for an offload store, with the disk costs of that store's own
+    blocks (:func:`~pipo.planner.probe_disk.with_store_reads`)."""
+    profile = profile_for(engine.options.device, str(engine.dtype).split(".")[-1])
+    if engine.options.offload_tier(engine.source) == DISK:
+        from pipo.planner.probe_disk import with_store_reads
+
+        profile = with_store_reads(profile, engine.source)
+    return profile

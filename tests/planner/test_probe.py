@@ -150,3 +150,24 @@ def test_every_task_of_a_disk_step_with_offloaded_kv_is_costed_with_embedding_ro
     table_s = sizes["embed"] / nominal_profile().disk_read_bps
     assert rows.busy_s["disk"] == pytest.approx(whole.busy_s["disk"] - table_s
                                                 - nominal_profile().disk_block_s)
+
+
+def test_a_stores_own_blocks_give_its_disk_cost_once_per_file(tmp_path, monkeypatch):
+    from pipo.bench.random_model import RandomModel
+    from pipo.io.store import convert
+
+    path = convert(RandomModel(TINY), tmp_path / "store", weights="fp32")
+    read = []
+    real = OffloadStore.read_block_into
+
+    async def spy(self, block, buffer, *, chunk_nbytes, depth):
+        read.append(block)
+        return await real(self, block, buffer, chunk_nbytes=chunk_nbytes, depth=depth)
+
+    monkeypatch.setattr(OffloadStore, "read_block_into", spy)
+    with OffloadStore(path) as store:
+        profile = probe_disk.with_store_reads(nominal_profile(), store)
+        again = probe_disk.with_store_reads(nominal_profile(), store)
+    assert profile.disk_read_bps > 0 and profile.disk_block_s >= 0
+    assert (again.disk_read_bps, again.disk_block_s) == (profile.disk_read_bps, profile.disk_block_s)
+    assert sorted(read) == sorted(b for b in TINY.block_names() if b != "embed")  # once, no embed
