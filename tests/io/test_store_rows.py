@@ -76,3 +76,22 @@ def test_disk_generation_reading_dense_rows_equals_streaming_the_table(tmp_path,
         whole = engine.generate_ids(prompt, 4, keep_logits=True)
     assert by_rows.tokens == whole.tokens
     assert all(torch.equal(a, b) for a, b in zip(by_rows.logits, whole.logits, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_on_cuda_rows_equal_streaming_the_table(tmp_path, monkeypatch, dtype):
+    from pipo.engine.weights import PlacedWeights
+
+    store = convert(open_model(write_tiny_gguf(tmp_path / "tiny.gguf")), tmp_path / "store",
+                    weights="fp32")
+    prompt = [[3, 17, 42, 8], [9, 9, 1, 30]]
+    with pipo.load(store, placement="disk", device="cuda", dtype=dtype) as engine:
+        by_rows = engine.generate_ids(prompt, 4, keep_logits=True)
+        assert engine._weights.row_tables["embed"]["tok"].nbytes_read > 0
+    monkeypatch.setattr(PlacedWeights, "_row_tables", lambda self: {})
+    with pipo.load(store, placement="disk", device="cuda", dtype=dtype) as engine:
+        whole = engine.generate_ids(prompt, 4, keep_logits=True)
+    assert by_rows.tokens == whole.tokens
+    assert all(torch.equal(a, b) for a, b in zip(by_rows.logits, whole.logits, strict=True))
