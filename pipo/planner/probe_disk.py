@@ -2,8 +2,8 @@
 
 A scratch offload store of a small random model (blocks of three sizes, 0.6-11 MB, ~170 MB in
 all) is written on the file system of the store's directory, its pages dropped from the page cache,
-and each block is read once with :meth:`~pipo.io.store_read.OffloadStore.read_block_into` exactly as the engine's disk
-lane reads it (:data:`~pipo.engine.weights.DISK_CHUNK_NBYTES` pieces,
+and each block is read once with :meth:`~pipo.io.store_read.OffloadStore.read_block_into` exactly
+as the engine's disk lane reads it (:data:`~pipo.engine.weights.DISK_CHUNK_NBYTES` pieces,
 :data:`~pipo.engine.weights.DISK_DEPTH` in flight, ``O_DIRECT`` where the file system allows it,
 else buffered reads that drop each blob's pages once read). The per-block times are fitted as
 ``fixed_s + nbytes / bps``: what one ``ReadBlock`` (or unstaged disk ``LoadWeight``) costs.
