@@ -216,20 +216,19 @@ def quality_table(profile, quick: bool, new_tokens: int, sources: dict, cap: int
                                  new_tokens=new_tokens, profile=profile).best
             plan_s = time.perf_counter() - t0
         planner = measure(source, options, batch, new_tokens, plan=chosen.plan)
+        grid = dict(manual_plans(source.spec, batch, max_len, cap))
         manual = {name: measure(source, {"link_gbps": gbps}, batch, new_tokens, plan=plan)
-                  for name, plan in manual_plans(source.spec, batch, max_len, cap)}
+                  for name, plan in grid.items()}
         if not manual:
             print(f"batch {batch}: no manual plan fits the cap", flush=True)
             continue
         best_name = max(manual, key=lambda n: manual[n]["tok_s"])
-        best_plan = dict(manual_plans(source.spec, batch, max_len, cap))[best_name]
         planner_tok_s, best_tok_s = rematch(source, options, batch, new_tokens, chosen.plan,
-                                            best_plan, rounds)
+                                            grid[best_name], rounds)
         ratio = planner_tok_s / best_tok_s
         from pipo.planner.explain import summarize
 
-        same = [n for n, plan in manual_plans(source.spec, batch, max_len, cap)
-                if plan == chosen.plan and not chosen.int4]
+        same = [n for n, plan in grid.items() if plan == chosen.plan and not chosen.int4]
         rows.append({"batch": batch, "planner_plan": summarize(chosen),
                      "same_as_manual": same[0] if same else None,
                      "planner_tok_s": planner_tok_s, "planner_grid_tok_s": planner["tok_s"],

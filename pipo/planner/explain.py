@@ -127,10 +127,9 @@ def write_predicted(engine, choice: Choice, prompt_len: int, new_tokens: int, pr
                     path: Path) -> Path:
     """Write the predicted decode step of ``choice`` as a timeline PNG or a Chrome trace."""
     from graphs import DECODE
+    from pipo.engine.weights import embed_by_rows, placed_sizes
     from pipo.planner.estimate import predict_step
     from pipo.runtime.trace import timeline_png, write_chrome_trace
-
-    from pipo.engine.weights import embed_by_rows, placed_sizes
 
     caps = caps_for(engine)
     group = engine.options.group_size if choice.int4 else None
