@@ -36,8 +36,7 @@ class StepEmitter:
         self.spec, self.plan, self.phase = spec, plan, phase
         self.builder = GraphBuilder()
         self.blocks = spec.block_names()
-        streamed = plan.streamed()
-        self.weight_slot = {b: i % plan.n_weight_slots for i, b in enumerate(streamed)}
+        self.weight_slot = plan.weight_slots()
         pairs = [(layer, m) for layer in range(spec.n_layers) for m in range(plan.n_micro)]
         self.kv_slot = {p: i % plan.n_kv_slots for i, p in enumerate(pairs)}
 

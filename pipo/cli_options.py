@@ -83,8 +83,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                    help="rows per micro-batch: the batch runs as micro-batches of N rows that "
                         "share each loaded block (default: the whole batch at once)")
     g.add_argument("--weight-slots", type=positive_int, default=None, metavar="N",
-                   help="device buffers for streamed blocks: N-1 blocks load ahead of the one "
-                        "computing (default: the planner's choice under a memory cap, else 2)")
+                   help="device buffers for streamed blocks, taken in turn: N-1 blocks load "
+                        "ahead of the one computing; each buffer is as large as the largest block "
+                        "it takes (default: the planner's choice under a memory cap, else 2)")
     g.add_argument("--kv-slots", type=positive_int, default=None, metavar="N",
                    help="device buffers for an offloaded KV cache (default: 2; 3 for the flexgen "
                         "schedule)")

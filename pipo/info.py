@@ -39,8 +39,9 @@ def describe(engine, plan: Plan) -> str:
     ]
     tiers = Counter(tier for _, tier in plan.placement)
     lines.append("placement   " + ", ".join(f"{n} blocks {tier}" for tier, n in tiers.items()))
+    slots = plan.slot_sizes(sizes) if plan.streamed() else [0]
     lines.append(f"resident    {_size(plan.resident_nbytes)}; weight slots "
-                 f"{plan.n_weight_slots} x {_size(plan.slot_nbytes)}")
+                 f"{plan.n_weight_slots}, {_size(sum(slots))} (largest {_size(max(slots))})")
     kv_where = ("a disk file (offloaded)" if plan.kv_disk else "host (offloaded)"
                 if plan.kv_offloaded else "device")
     lines.append(f"kv cache    {_size(plan.kv_nbytes)} on {kv_where}")

@@ -58,6 +58,20 @@ class Plan:
         """Blocks that a LoadWeight task brings in every step, in block order."""
         return [b for b, tier in self.placement if tier != RESIDENT]
 
+    def weight_slots(self) -> dict[str, int]:
+        """The weight slot of each streamed block: round robin in block order (every schedule's
+        graphs and the engine's slot buffers follow this one assignment)."""
+        return {b: i % self.n_weight_slots for i, b in enumerate(self.streamed())}
+
+    def slot_sizes(self, block_nbytes: Mapping[str, int]) -> list[int]:
+        """Bytes of each weight slot: the largest block it ever holds (``block_nbytes``: bytes a
+        block takes in a slot; 0 for one that needs none, like an embedding read by rows). A slot
+        that holds only layer blocks is not sized by the embedding or head."""
+        sizes = [0] * (self.n_weight_slots if self.streamed() else 0)
+        for block, slot in self.weight_slots().items():
+            sizes[slot] = max(sizes[slot], block_nbytes[block])
+        return sizes
+
 
 def kv_cache_nbytes(spec: ModelSpec, batch: int, max_len: int, dtype_nbytes: int) -> int:
     """Bytes of a full K and V cache for ``batch`` sequences of ``max_len`` tokens."""
@@ -72,7 +86,8 @@ def make_plan(spec: ModelSpec, block_nbytes: Mapping[str, int], *, batch: int, m
 
     Keeps the largest blocks resident first (each resident byte is a byte not moved per step) while
     the rest still fit through ``n_weight_slots`` slots next to the KV cache (when resident) and an
-    activation reserve. Raises :class:`~pipo.errors.DeviceMemoryTooSmall` (a :class:`PlanError`)
+    activation reserve. Each slot is counted at the largest streamed block; the engine sizes a slot
+    by the blocks it takes (:meth:`Plan.slot_sizes`), so it holds at most that. Raises :class:`~pipo.errors.DeviceMemoryTooSmall` (a :class:`PlanError`)
     naming :func:`minimum_device_memory` when not even one slot and the KV cache fit.
     """
     args = dict(batch=batch, max_len=max_len, micro_batch=micro_batch, offload_tier=offload_tier,

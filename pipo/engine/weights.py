@@ -19,6 +19,7 @@ import torch
 
 from pipo.engine.blocks import BlockLayout, pack, rebase, views
 from pipo.io.aligned import ALIGN_NBYTES as DISK_ALIGN_NBYTES
+from pipo.io.aligned import aligned_empty
 from pipo.io.q8 import Q8Tensor, to_dense
 from pipo.ops import int4_dispatch, int4pack
 from pipo.ops.layers import fuse_projections
@@ -134,25 +135,22 @@ class PlacedWeights:
         self.resident: dict[str, dict] = {}
         self.host: dict[str, tuple[torch.Tensor, BlockLayout]] = {}
         self.layouts: dict[str, BlockLayout] = {}
+        self.row_tables = self._row_tables()
         self.arena = HostArena(self._host_reserve_nbytes(),
                                registrar if registrar is not None else memory.default_registrar(device),
                                name="weights")
-        self.row_tables = self._row_tables()
         self.holds_int4 = False
         self.int4_workspace: int4_dispatch.Int4Workspace | None = None  # CUDA only
         for block, tier in plan.placement:
             self._place(block, tier)
         if not self.holds_int4 and self._has_disk() and (int4_group or store_is_int4(source)):
             self._use_int4()
-        self.slots = [self._slot_buffer() for _ in range(plan.n_weight_slots if self._streams()
-                                                         else 0)]
+        self.slots = [self._slot_buffer(n) for n in plan.slot_sizes(self._slot_block_nbytes())]
         self.slot_views: list[dict] = [{} for _ in self.slots]
         self.slot_holds: list[str | None] = [None] * len(self.slots)
-        n_staging = len(self.slots) if plan.staged_disk and self._has_disk() else 0
-        self.staging = [self.arena.take(source.max_block_nbytes, DISK_ALIGN_NBYTES)
-                        for _ in range(n_staging)]
+        self.staging = [self.arena.take(n, DISK_ALIGN_NBYTES) for n in self._staging_sizes()]
         self.staging_views: list[dict] = [{} for _ in self.staging]
-        self.staging_holds: list[str | None] = [None] * n_staging
+        self.staging_holds: list[str | None] = [None] * len(self.staging)
         self.arena.pin()
 
     def _host_reserve_nbytes(self) -> int:
@@ -161,9 +159,24 @@ class PlacedWeights:
         sizes = placed_sizes(self.source, self.device, self.dtype, self.int4_group)
         host = [b for b, tier in self.plan.placement if tier == HOST]
         nbytes = sum(sizes[b] + (64 << 10) for b in host)
-        if self.plan.staged_disk and self._has_disk():
-            nbytes += self.plan.n_weight_slots * (self.source.max_block_nbytes + DISK_ALIGN_NBYTES)
-        return nbytes
+        return nbytes + sum(n + DISK_ALIGN_NBYTES for n in self._staging_sizes())
+
+    def _disk_block_nbytes(self) -> dict[str, int]:
+        """Bytes each disk block takes in a buffer: its stored blob (nothing for a table read by
+        rows); other blocks 0."""
+        return {b: self.source.block_nbytes(b) if tier == DISK and b not in self.row_tables else 0
+                for b, tier in self.plan.placement}
+
+    def _staging_sizes(self) -> list[int]:
+        """Bytes of each disk staging buffer (one per weight slot when disk reads are staged)."""
+        if not (self.plan.staged_disk and self._has_disk()):
+            return []
+        return self.plan.slot_sizes(self._disk_block_nbytes())
+
+    def _slot_block_nbytes(self) -> dict[str, int]:
+        """Bytes each block takes in its weight slot: a host block's packed layout, a disk block's
+        blob (:meth:`_disk_block_nbytes`)."""
+        return {**self._disk_block_nbytes(), **{b: v.nbytes for b, v in self.layouts.items()}}
 
     def _row_tables(self) -> dict[str, dict]:
         """Disk-tier embedding blocks read by rows instead of whole (a store's Q8_0 or dense table
@@ -181,9 +194,6 @@ class PlacedWeights:
                 rows.out_dtype = None if keeps_q8 else self.dtype
                 tables[block] = {"tok": rows}
         return tables
-
-    def _streams(self) -> bool:
-        return any(tier != RESIDENT for _, tier in self.plan.placement)
 
     def _place(self, block: str, tier: str) -> None:
         if tier == DISK:
@@ -218,15 +228,11 @@ class PlacedWeights:
         if isinstance(out, torch.Tensor) and torch.equal(tok, out):
             self.resident["head"]["w_out"] = tok
 
-    def _slot_buffer(self) -> torch.Tensor:
-        sizes = [layout.nbytes for layout in self.layouts.values()]
-        if self._has_disk():
-            sizes.append(self.source.max_block_nbytes)
-            if not self.plan.staged_disk:  # the disk lane reads straight into the slot
-                from pipo.io.aligned import aligned_empty
-
-                return aligned_empty(max(sizes))
-        return torch.empty(max(sizes), dtype=torch.uint8, device=self.device)
+    def _slot_buffer(self, nbytes: int) -> torch.Tensor:
+        """One weight slot of ``nbytes`` (its largest block: :meth:`Plan.slot_sizes`)."""
+        if self._has_disk() and not self.plan.staged_disk:  # the disk lane reads into the slot
+            return aligned_empty(max(nbytes, DISK_ALIGN_NBYTES))
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def block(self, block: str, slot: int | None) -> dict:
         """The tensors Compute uses for ``block``: resident, or the views of ``slot``. With int4

@@ -304,13 +304,14 @@ def memory_per_tier(plan: Plan, sizes: dict[str, int], request: Request) -> dict
     spec = request.spec
     kv_full = kv_cache_nbytes(spec, plan.batch, plan.max_len, request.dtype_nbytes)
     kv_slot = kv_full // spec.n_layers // plan.n_micro
-    streamed = [b for b, t in plan.placement if t != RESIDENT]
+    in_slot = slot_block_nbytes(plan, sizes, request.embed_rows)
     device = sum(sizes[b] for b, t in plan.placement if t == RESIDENT)
-    device += plan.n_weight_slots * max((sizes[b] for b in streamed), default=0)
+    device += sum(plan.slot_sizes(in_slot))
     device += plan.n_kv_slots * kv_slot if plan.kv_offloaded else kv_full
     host = sum(sizes[b] for b, t in plan.placement if t == HOST)
     if plan.staged_disk:
-        host += plan.n_weight_slots * max(sizes[b] for b, t in plan.placement if t == DISK)
+        host += sum(plan.slot_sizes({b: n if plan.where(b) == DISK else 0
+                                     for b, n in in_slot.items()}))
     if plan.kv_offloaded and not plan.kv_disk:
         host += kv_full
     if request.device_is_host:
@@ -318,6 +319,13 @@ def memory_per_tier(plan: Plan, sizes: dict[str, int], request: Request) -> dict
     disk = sum(sizes[b] for b, t in plan.placement if t == DISK)
     disk += kv_full if plan.kv_disk else 0
     return {RESIDENT: device, HOST: host, DISK: disk}
+
+
+def slot_block_nbytes(plan: Plan, sizes: dict[str, int], embed_rows: bool) -> dict[str, int]:
+    """Bytes each block takes in a weight slot (as the engine sizes its slots): its size, nothing
+    for a disk embedding read by rows."""
+    return {b: 0 if embed_rows and b == "embed" and t == DISK else sizes[b]
+            for b, t in plan.placement}
 
 
 def fits(plan: Plan, sizes: dict[str, int], request: Request, caps: Caps) -> bool:
