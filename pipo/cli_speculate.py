@@ -35,29 +35,12 @@ def speculative(engine, args: argparse.Namespace, max_len: int, batch: int = 1):
     """``engine`` itself when not speculating, else a Speculator over it with the draft;
     ``--speculate auto``: as the planner decides for ``batch`` rows
     (:mod:`pipo.planner.speculation`)."""
+    from pipo.engine.speculating import planned_kind, speculator
+
     kind = args.speculate
     if kind == "auto":
-        kind = _planned_kind(engine, max_len, batch, args.max_new_tokens, args.draft_group_size)
+        kind = planned_kind(engine, max_len, batch, args.max_new_tokens, args.draft_group_size)
     if kind == "off":
         return engine
-    from pipo.engine.drafts import make_draft
-    from pipo.engine.speculate import Speculator
-
-    draft = make_draft(kind, engine, max_len, group_size=args.draft_group_size)
-    return Speculator(engine, draft, k=args.draft_tokens, k_max=2 * args.draft_tokens,
-                      budget=args.draft_budget)
-
-
-def _planned_kind(engine, max_len: int, batch: int, new_tokens: int, group_size: int) -> str:
-    """The planner's speculation (int4 or off); with int4 the target runs within the device memory
-    the draft leaves."""
-    from dataclasses import replace
-
-    from pipo.planner.engine_plan import speculation_for
-
-    new_tokens = min(new_tokens, max_len - 1)
-    decision = speculation_for(engine, batch, max_len, prompt_len=max_len - new_tokens,
-                               new_tokens=new_tokens, group_size=group_size)
-    if decision.device_memory is not None:
-        engine.options = replace(engine.options, device_memory=decision.device_memory)
-    return decision.kind
+    return speculator(engine, kind, max_len, draft_tokens=args.draft_tokens,
+                      draft_budget=args.draft_budget, draft_group_size=args.draft_group_size)

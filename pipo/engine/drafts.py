@@ -102,6 +102,16 @@ class ModelDraft:
         self.batch.truncate(self.row, 0)
         self.kv_tokens = []
 
+    def reserve(self, max_len: int) -> None:
+        """Let the draft's KV hold ``max_len`` tokens (a new, empty batch when it holds fewer)."""
+        if max_len <= self.batch.max_len:
+            return
+        self.batch.close()
+        self.batch = self.engine.open_batch(1, max_len)
+        self.batch.run_inline()
+        self.row = self.batch.admit()
+        self.kv_tokens = []
+
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator
                 ) -> tuple[list[int], torch.Tensor | None]:
         """``k`` tokens drawn one by one from the draft (argmax when greedy) and their

@@ -159,6 +159,8 @@ class Speculator:
         stats = SpecStats()
         tree = self.budget is not None
         room = self.budget + 2 * self.k_max + 2 if tree else self.k_max + 1
+        if hasattr(self.draft, "reserve"):  # a model draft holds the same tokens
+            self.draft.reserve(len(prompt) + max_new + room)
         batch = self.engine.open_batch(1, len(prompt) + max_new + room)
         out: list[int] = []
         try:
