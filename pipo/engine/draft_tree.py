@@ -7,7 +7,7 @@ position and is kept in place (:mod:`pipo.engine.speculate_tree`).
 
 - :class:`TreeBuilder`: a model draft's tree, SpecExec-style (Svirschevski et al. 2024): every
   draft step evaluates the ``width`` most probable unexpanded candidates (by cumulative draft
-  probability, at any depth) as one tree step of the draft's own batch; their top children join
+  probability under the request's temperature / top-k / top-p, at any depth) as one tree step of the draft's own batch; their top children join
   the candidates. It stops at N nodes or ``steps`` draft steps.
 - :func:`trie`: several continuations (ngram's earlier matches) merged into one tree.
 - :func:`accepted_path`: walk down from the root following the target's own choice at each node
@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+import torch
+
+from pipo.ops.sampling import SamplingParams, probabilities
 
 
 @dataclass
@@ -101,8 +105,10 @@ class TreeBuilder:
     first syncs the draft with the committed tokens and evaluates the root); ``result()`` the tree.
     """
 
-    def __init__(self, draft, tokens: list[int], budget: int, steps: int):
+    def __init__(self, draft, tokens: list[int], budget: int, steps: int,
+                 sampling: SamplingParams | None = None):
         self.draft, self.tokens, self.budget, self.steps = draft, tokens, budget, steps
+        self.sampling = sampling or SamplingParams()  # greedy
         self.width = max(1, math.ceil(budget / steps))
         self.nodes: list[tuple[int, int, float]] = []  # (token, parent, cumulative log-prob)
         self.candidates: list[tuple[float, int, int]] = []  # (-log-prob, token, parent)
@@ -141,8 +147,16 @@ class TreeBuilder:
 
     def _expand(self, nodes: list[int], logprobs) -> None:
         """Each evaluated node's ``width`` most probable children join the candidates."""
-        for node, row in zip(nodes, logprobs, strict=True):
+        for node, row in zip(nodes, self._shaped(logprobs), strict=True):
             base = self.nodes[node][2] if node >= 0 else 0.0
             top = row.topk(min(self.width, row.shape[-1]))
             self.candidates += [(-(base + float(v)), int(t), node)
-                                for v, t in zip(top.values, top.indices, strict=True)]
+                                for v, t in zip(top.values, top.indices, strict=True)
+                                if math.isfinite(float(v))]
+
+    def _shaped(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The draft's log-probabilities under the sampling in use (temperature, top-k, top-p:
+        the distribution the target's choices are drawn from); as they are when greedy."""
+        if self.sampling.greedy:
+            return logprobs
+        return probabilities(logprobs, self.sampling).log()

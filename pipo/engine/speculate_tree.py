@@ -92,11 +92,11 @@ def drafts_in_dag(spec) -> bool:
 
 
 def draft_and_verify(spec, batch, row: int, seq: list[int], pending: list[int], depth: int,
-                     programs: DraftPrograms):
+                     programs: DraftPrograms, sampling):
     """One round: (tree, target logits [len(pending) + len(tree), V], draft seconds)."""
     draft = spec.draft
     if depth and hasattr(draft, "tree_root"):
-        builder = TreeBuilder(draft, seq, spec.budget, depth)
+        builder = TreeBuilder(draft, seq, spec.budget, depth, sampling)
         if drafts_in_dag(spec):
             round_ = TreeRound(builder, row, pending)
             wait = batch.submit_prelude([row], "all",
@@ -130,7 +130,7 @@ def tree_rounds(spec, batch, row: int, seq: list[int], token: int, max_new: int,
         kept = batch.length(row)
         t0 = time.perf_counter()
         tree, logits, draft_s = draft_and_verify(spec, batch, row, seq, pending, depth,
-                                                 spec._programs)
+                                                 spec._programs, sampling)
         stats.draft_s += draft_s
         stats.verify_s.setdefault(len(tree), []).append(
             time.perf_counter() - t0 - (0.0 if drafts_in_dag(spec) else draft_s))

@@ -192,6 +192,30 @@ def test_tree_builder_respects_budget_and_steps_most_likely_child_first():
     assert tree.tokens[:3] == [1, 2, 3] and tree.parents[:3] == [-1, 0, 1]  # the likely chain first
 
 
+def test_tree_builder_shapes_the_tree_by_the_sampling_distribution():
+    # top-k 1: only each node's likeliest child can be drawn, so the tree is that chain; shaped by
+    # the draft's plain probabilities it would hold the second children too (the test above)
+    builder = TreeBuilder(FixedDraft(), [0], budget=6, steps=3,
+                          sampling=SamplingParams(temperature=0.8, top_k=1))
+    for _ in range(3):
+        builder.step()
+    tree = builder.result()
+    assert tree.tokens == [1, 2, 3] and tree.parents == [-1, 0, 1]
+
+
+def test_tree_builder_prefers_shallow_siblings_when_the_temperature_flattens_the_draft():
+    def shape(temperature):
+        builder = TreeBuilder(FixedDraft(), [0], budget=6, steps=3,
+                              sampling=SamplingParams(temperature=temperature))
+        for _ in range(3):
+            builder.step()
+        return builder.result()
+
+    # the last two places: a third token down the likely chain, or second choices at depth 2
+    assert shape(0.2).depth() == 3     # sharp: the chain 1 -> 2 -> 3 is almost sure
+    assert shape(5.0).depth() == 2     # flat: second choices are nearly as likely as the first
+
+
 class CountingDraft(FixedDraft):
     """A FixedDraft that records the nodes each tree step evaluates."""
 
