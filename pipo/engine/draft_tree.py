@@ -7,8 +7,8 @@ position and is kept in place (:mod:`pipo.engine.speculate_tree`).
 
 - :class:`TreeBuilder`: a model draft's tree, SpecExec-style (Svirschevski et al. 2024): every
   draft step evaluates the ``width`` most probable unexpanded candidates (by cumulative draft
-  probability under the request's temperature / top-k / top-p, at any depth) as one tree step of the draft's own batch; their top children join
-  the candidates. It stops at N nodes or ``steps`` draft steps.
+  probability under the request's temperature / top-k / top-p, at any depth) as one tree step of
+  the draft's own batch; their top children join the candidates. It stops at N nodes or ``steps`` draft steps.
 - :func:`trie`: several continuations (ngram's earlier matches) merged into one tree.
 - :func:`accepted_path`: walk down from the root following the target's own choice at each node
   (its argmax when greedy, a sample from its distribution when sampling).

@@ -92,7 +92,11 @@ class ModelDraft:
             raise DraftError(f"the draft model's vocabulary has {engine.spec.vocab_size} tokens, "
                              f"the target's {vocab_size}: a draft must share the target's tokenizer")
         self.engine, self.name = engine, name
-        self.batch = engine.open_batch(1, max_len)
+        self._open(max_len)
+
+    def _open(self, max_len: int) -> None:
+        """A fresh one-row batch of ``max_len`` tokens, stepped inline; its KV holds nothing."""
+        self.batch = self.engine.open_batch(1, max_len)
         self.batch.run_inline()
         self.row = self.batch.admit()
         self.kv_tokens: list[int] = []  # what the draft's KV holds, a prefix of the sequence
@@ -107,10 +111,7 @@ class ModelDraft:
         if max_len <= self.batch.max_len:
             return
         self.batch.close()
-        self.batch = self.engine.open_batch(1, max_len)
-        self.batch.run_inline()
-        self.row = self.batch.admit()
-        self.kv_tokens = []
+        self._open(max_len)
 
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator
                 ) -> tuple[list[int], torch.Tensor | None]:

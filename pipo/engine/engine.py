@@ -165,12 +165,10 @@ class Engine:
 
         ``chat`` wraps prompts in the model's chat template; ``on_text(row, piece)`` streams.
         """
-        from pipo.engine.text import generate_text
+        from pipo.engine.text import complete
 
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        texts, _ = generate_text(self, batch, max_new_tokens, sampling, chat=chat, system=system,
-                                 on_text=on_text)
-        return texts[0] if isinstance(prompts, str) else texts
+        return complete(self, prompts, max_new_tokens, sampling, chat=chat, system=system,
+                        on_text=on_text)
 
     def close(self) -> None:
         """Stop the runtime's lanes and release weights and KV cache (unpinning their host memory)."""

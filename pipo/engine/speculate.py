@@ -146,12 +146,10 @@ class Speculator:
                  sampling: SamplingParams = GREEDY, *, chat: bool = False,
                  system: str | None = None, on_text=None):
         """As ``Engine.generate``, speculatively."""
-        from pipo.engine.text import generate_text
+        from pipo.engine.text import complete
 
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        texts, _ = generate_text(self, batch, max_new_tokens, sampling, chat=chat, system=system,
-                                 on_text=on_text)
-        return texts[0] if isinstance(prompts, str) else texts
+        return complete(self, prompts, max_new_tokens, sampling, chat=chat, system=system,
+                        on_text=on_text)
 
     def _one(self, prompt: list[int], max_new: int, sampling, generator, emit):
         """Generate after one prompt; returns (tokens, plan, seconds)."""

@@ -96,12 +96,10 @@ class AutoSpeculator:
     def generate(self, prompts, max_new_tokens: int = 64, sampling: SamplingParams = GREEDY, *,
                  chat: bool = False, system: str | None = None, on_text=None):
         """As ``Engine.generate``, speculatively when the planner says so."""
-        from pipo.engine.text import generate_text
+        from pipo.engine.text import complete
 
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        texts, _ = generate_text(self, batch, max_new_tokens, sampling, chat=chat, system=system,
-                                 on_text=on_text)
-        return texts[0] if isinstance(prompts, str) else texts
+        return complete(self, prompts, max_new_tokens, sampling, chat=chat, system=system,
+                        on_text=on_text)
 
     @property
     def stats(self):

@@ -45,3 +45,15 @@ def generate_text(engine: Engine, prompts: list[str], max_new_tokens: int = 64,
                 on_text(row, tail)
     texts = [engine.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
     return texts, result
+
+
+def complete(engine: Engine, prompts: str | list[str], max_new_tokens: int = 64,
+             sampling: SamplingParams = SamplingParams(), *, chat: bool = False,
+             system: str | None = None,
+             on_text: Callable[[int, str], None] | None = None) -> str | list[str]:
+    """The ``generate`` of an engine or a speculating wrapper: the completion of one prompt (a
+    ``str``) or of each prompt of a list (:func:`generate_text`)."""
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    texts, _ = generate_text(engine, batch, max_new_tokens, sampling, chat=chat, system=system,
+                             on_text=on_text)
+    return texts[0] if isinstance(prompts, str) else texts
